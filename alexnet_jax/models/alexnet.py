@@ -1,0 +1,139 @@
+"""AlexNet (Krizhevsky, Sutskever & Hinton 2012), with its neurons split into two towers.
+
+| layer | kernel/stride/pad | maps | reads       | bias init | after                      |
+|-------|-------------------|------|-------------|-----------|----------------------------|
+| conv1 | 11 / 4 / 0        |  96  | the image   | 0         | ReLU, LRN, max-pool 3/2    |
+| conv2 |  5 / 1 / 2        | 256  | own tower   | 1         | ReLU, LRN, max-pool 3/2    |
+| conv3 |  3 / 1 / 1        | 384  | both towers | 0         | ReLU                       |
+| conv4 |  3 / 1 / 1        | 384  | own tower   | 1         | ReLU                       |
+| conv5 |  3 / 1 / 1        | 256  | own tower   | 1         | ReLU, max-pool 3/2         |
+| fc6   | dense             | 4096 | both towers | 1         | ReLU, dropout 0.5          |
+| fc7   | dense             | 4096 | both towers | 1         | ReLU, dropout 0.5          |
+| fc8   | dense             | 1000 | both towers | 0         | (softmax in the loss)      |
+
+With ``towers=1`` the same widths form the dense one-tower network. Input 227 (the paper's "224" only
+gives its 55×55 first layer with 227). ``width`` scales every layer for small demos and tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alexnet_jax.models import layers
+from alexnet_jax.models.layers import LOCAL_TOWERS, TowerConv, TowerDense, TowerExchange
+
+PAPER_WIDTHS = dict(conv1=96, conv2=256, conv3=384, conv4=384, conv5=256, fc6=4096, fc7=4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlexNetSpec:
+  """Hyper-parameters of the network (``config.model`` minus its name)."""
+  towers: int = 2
+  num_classes: int = 1000
+  image_size: int = 227
+  width: float = 1.0
+  lrn: bool = True
+  lrn_alpha_divided_by_n: bool = False  # True: cuda-convnet / Caffe / PyTorch convention
+  dropout: float = 0.5
+  weight_std: float = 0.01
+
+  def widths(self) -> dict[str, int]:
+    """Layer widths scaled by ``width``, each a multiple of the tower count."""
+    t = self.towers
+    return {name: max(t, int(round(w * self.width / t)) * t) for name, w in PAPER_WIDTHS.items()}
+
+  def map_sizes(self) -> dict[str, int]:
+    """Spatial size of each layer's output maps, before pooling."""
+    pooled = lambda s: (s - 3) // 2 + 1
+    conv1 = (self.image_size - 11) // 4 + 1
+    conv2 = pooled(conv1)
+    conv3 = pooled(conv2)
+    return dict(conv1=conv1, conv2=conv2, conv3=conv3, conv4=conv3, conv5=conv3, pool5=pooled(conv3))
+
+  def validate(self) -> None:
+    if self.towers < 1:
+      raise ValueError(f'model.towers must be at least 1, got {self.towers}')
+    if self.num_classes % self.towers:
+      raise ValueError(f'model.num_classes={self.num_classes} must be divisible by model.towers='
+                       f'{self.towers}: fc8 splits its outputs between the towers')
+    if self.map_sizes()['pool5'] < 1:
+      raise ValueError(f'model.image_size={self.image_size} is too small for AlexNet: the smallest '
+                       'input with a 1x1 pool5 is 67')
+
+
+class AlexNet(nnx.Module):
+
+  def __init__(self, spec: AlexNetSpec, *, rngs: nnx.Rngs):
+    spec.validate()
+    self.spec = spec
+    w, t, std = spec.widths(), spec.towers, spec.weight_std
+    conv = lambda cin, cout, k, reads, stride=1, pad=0, bias=0.0: TowerConv(
+        cin, cout, k, towers=t, reads=reads, stride=stride, padding=pad, weight_std=std,
+        bias_init=bias, rngs=rngs)
+    self.conv1 = conv(3, w['conv1'], 11, 'input', stride=4)
+    self.conv2 = conv(w['conv1'], w['conv2'], 5, 'own', pad=2, bias=1.0)
+    self.conv3 = conv(w['conv2'], w['conv3'], 3, 'all', pad=1)
+    self.conv4 = conv(w['conv3'], w['conv4'], 3, 'own', pad=1, bias=1.0)
+    self.conv5 = conv(w['conv4'], w['conv5'], 3, 'own', pad=1, bias=1.0)
+    flat = spec.map_sizes()['pool5'] ** 2 * w['conv5']
+    dense = lambda cin, cout, bias: TowerDense(cin, cout, towers=t, weight_std=std, bias_init=bias,
+                                                rngs=rngs)
+    self.fc6 = dense(flat, w['fc6'], 1.0)
+    self.fc7 = dense(w['fc6'], w['fc7'], 1.0)
+    self.fc8 = dense(w['fc7'], spec.num_classes, 0.0)
+
+  def _lrn(self, x):
+    if not self.spec.lrn:
+      return x
+    return layers.local_response_norm(x, alpha_divided_by_n=self.spec.lrn_alpha_divided_by_n)
+
+  def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None,
+               exchange: TowerExchange = LOCAL_TOWERS, gather_logits: bool = True,
+               capture: bool = False):
+    """Class scores for a batch of normalised NHWC images.
+
+    Returns logits ``(batch, classes)``, or with ``gather_logits=False`` the towers' own slices
+    ``(local_towers, batch, classes // towers)`` (for a loss computed without gathering them).
+    With ``capture=True`` also returns a dict of every layer's output (tower-split, after ReLU),
+    which the summary and the visualisations read.
+    """
+    acts = {}
+    keep = lambda name, x: acts.__setitem__(name, x) if capture else None
+    relu = jax.nn.relu
+    with jax.named_scope('conv1'):
+      x = relu(self.conv1(images))
+      keep('conv1', x)
+      x = layers.max_pool(self._lrn(x))
+    with jax.named_scope('conv2'):
+      x = relu(self.conv2(x))
+      keep('conv2', x)
+      x = layers.max_pool(self._lrn(x))
+    with jax.named_scope('conv3'):
+      x = relu(self.conv3(x, exchange))
+      keep('conv3', x)
+    with jax.named_scope('conv4'):
+      x = relu(self.conv4(x))
+      keep('conv4', x)
+    with jax.named_scope('conv5'):
+      x = relu(self.conv5(x))
+      keep('conv5', x)
+      x = layers.max_pool(x)
+      x = x.reshape(*x.shape[:2], -1)
+    keys = (None, None) if not train or dropout_key is None else jax.random.split(dropout_key)
+    rate = self.spec.dropout if train else 0.0
+    with jax.named_scope('fc6'):
+      x = layers.dropout(relu(self.fc6(x, exchange)), rate, keys[0])
+      keep('fc6', x)
+    with jax.named_scope('fc7'):
+      x = layers.dropout(relu(self.fc7(x, exchange)), rate, keys[1])
+      keep('fc7', x)
+    with jax.named_scope('fc8'):
+      x = self.fc8(x, exchange)
+      keep('fc8', x)
+      if gather_logits:
+        x = exchange.gather(x)
+    return (x, acts) if capture else x

@@ -1,0 +1,167 @@
+"""Building blocks shared by the models: tower-split layers, response normalisation, pooling.
+
+Towers. AlexNet splits every layer's neurons into two "towers" (the paper's two GPUs). A tower-split
+activation is an array with a leading tower axis, ``(towers, batch, ..., features_per_tower)``, and
+a tower-split parameter has the same leading axis, tagged with the logical axis name ``'tower'``.
+Layers either read only their own tower's maps (``reads='own'``) or all towers' maps
+(``reads='all'``); the latter obtain the other towers' maps through an ``exchange`` object. The
+models never know where the towers live: ``LOCAL_TOWERS`` keeps them all in one array, and
+``alexnet_jax.sharding`` supplies an exchange that gathers them across the devices of a mesh axis.
+Each tower is computed by its own plain convolution / matmul rather than one grouped convolution:
+XLA's CPU backend runs ``feature_group_count`` convolutions several times slower than the same
+work as separate convolutions, and on a mesh each device then holds exactly one tower anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+TOWER = 'tower'  # logical axis name of the tower dimension of parameters and activations
+
+
+class TowerExchange(Protocol):
+  """How layers that read both towers obtain the maps of all towers."""
+
+  def gather(self, x: jax.Array) -> jax.Array:
+    """``(local_towers, *dims, c)`` → ``(*dims, towers * c)``: all towers' maps, tower-major."""
+    ...
+
+
+class LocalTowers:
+  """All towers are in the array at hand: gathering them is a concatenation."""
+
+  def gather(self, x: jax.Array) -> jax.Array:
+    return jnp.concatenate(list(x), axis=-1)
+
+
+LOCAL_TOWERS = LocalTowers()
+
+
+def split_towers(x: jax.Array, towers: int) -> jax.Array:
+  """``(*dims, towers * c)`` → ``(towers, *dims, c)``."""
+  *dims, c = x.shape
+  x = x.reshape(*dims, towers, c // towers)
+  return jnp.moveaxis(x, -2, 0)
+
+
+def local_response_norm(x: jax.Array, *, k: float = 2.0, n: int = 5, alpha: float = 1e-4,
+                        beta: float = 0.75, alpha_divided_by_n: bool = False) -> jax.Array:
+  """Krizhevsky et al.'s response normalisation across adjacent maps (last axis).
+
+  b_c = a_c / (k + alpha * sum_{c' = c - n//2}^{c + n//2} a_{c'}^2) ** beta, maps beyond the edges
+  contributing nothing. The paper's alpha multiplies the plain sum; cuda-convnet, Caffe and PyTorch
+  divide alpha by n (``alpha_divided_by_n=True``). The window sum is n shifted slices of the padded
+  squares rather than ``reduce_window``, which XLA's CPU backend runs slowly.
+  """
+  if alpha_divided_by_n:
+    alpha = alpha / n
+  half = n // 2
+  squares = jnp.square(x)
+  padded = jnp.pad(squares, [(0, 0)] * (x.ndim - 1) + [(half, n - 1 - half)])
+  c = x.shape[-1]
+  window = padded[..., 0:c]
+  for offset in range(1, n):
+    window = window + padded[..., offset:offset + c]
+  denom = k + alpha * window
+  if beta == 0.75:  # the paper's value: two square roots beat a general power on every backend
+    return x * jax.lax.rsqrt(denom * jnp.sqrt(denom))
+  return x * jnp.power(denom, -beta)
+
+
+def max_pool(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
+  """Max-pooling over the two spatial axes of NHWC maps, no padding (floor arithmetic).
+
+  Written as the maximum of ``window**2`` strided slices: XLA's CPU backend executes this (and its
+  gradient) far faster than ``reduce_window`` / ``select_and_scatter``. Ties share the gradient, which
+  only happens between equal values and is immaterial after a ReLU.
+  """
+  *lead, h, w, c = x.shape
+  out_h = (h - window) // stride + 1
+  out_w = (w - window) // stride + 1
+  out = None
+  for i in range(window):
+    for j in range(window):
+      patch = x[..., i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
+      out = patch if out is None else jnp.maximum(out, patch)
+  return out
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout: equivalent to the paper's halving of the outputs at test time."""
+  if rate == 0.0 or key is None:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=[(padding, padding)] * 2,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float) -> jax.Array:
+  return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+class TowerConv(nnx.Module):
+  """A convolution whose output maps are split into towers, each tower with its own kernel.
+
+  ``reads='own'``: tower t sees only tower t's input maps (conv2, conv4, conv5 of AlexNet).
+  ``reads='all'``: every tower sees all input maps (conv3); the input is gathered through the
+  exchange. ``reads='input'``: the input is one untowered array (the image), read by every tower.
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int, *, towers: int,
+               reads: str, stride: int = 1, padding: int = 0, weight_std: float = 0.01,
+               bias_init: float = 0.0, rngs: nnx.Rngs):
+    if reads not in ('own', 'all', 'input'):
+      raise ValueError(f'reads must be own, all or input, got {reads!r}')
+    in_per_tower = in_features // towers if reads == 'own' else in_features
+    shape = (towers, kernel_size, kernel_size, in_per_tower, out_features // towers)
+    self.kernel = nnx.Param(_normal(rngs, shape, weight_std), logical_axes=(TOWER, None, None, None, None))
+    self.bias = nnx.Param(jnp.full((towers, out_features // towers), bias_init, jnp.float32),
+                          logical_axes=(TOWER, None))
+    self.reads, self.stride, self.padding = reads, stride, padding
+
+  def __call__(self, x: jax.Array, exchange: TowerExchange = LOCAL_TOWERS) -> jax.Array:
+    kernel, bias = self.kernel[...], self.bias[...]
+    local_towers = kernel.shape[0]
+    if self.reads == 'own':
+      return jnp.stack([
+          conv2d(x[t], kernel[t].astype(x.dtype), self.stride, self.padding) + bias[t].astype(x.dtype)
+          for t in range(local_towers)])
+    if self.reads == 'all':
+      x = exchange.gather(x)
+    # Every local tower reads the same input: one convolution with the towers' kernels side by side.
+    merged = jnp.moveaxis(kernel, 0, -2).reshape(*kernel.shape[1:-1], -1)
+    y = conv2d(x, merged.astype(x.dtype), self.stride, self.padding) + bias.reshape(-1).astype(x.dtype)
+    return split_towers(y, local_towers)
+
+
+class TowerDense(nnx.Module):
+  """A fully connected layer whose outputs are split into towers; every tower reads all inputs.
+
+  The input is tower-split ``(local_towers, batch, features_per_tower)`` and gathered through the
+  exchange, or ``reads='input'`` for an untowered ``(batch, features)`` input.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, towers: int, reads: str = 'all',
+               weight_std: float = 0.01, bias_init: float = 0.0, rngs: nnx.Rngs):
+    if reads not in ('all', 'input'):
+      raise ValueError(f'reads must be all or input, got {reads!r}')
+    self.kernel = nnx.Param(_normal(rngs, (towers, in_features, out_features // towers), weight_std),
+                            logical_axes=(TOWER, None, None))
+    self.bias = nnx.Param(jnp.full((towers, out_features // towers), bias_init, jnp.float32),
+                          logical_axes=(TOWER, None))
+    self.reads = reads
+
+  def __call__(self, x: jax.Array, exchange: TowerExchange = LOCAL_TOWERS) -> jax.Array:
+    kernel, bias = self.kernel[...], self.bias[...]
+    if self.reads == 'all':
+      x = exchange.gather(x)
+    return jnp.einsum('nf,tfo->tno', x, kernel.astype(x.dtype)) + bias[:, None, :].astype(x.dtype)

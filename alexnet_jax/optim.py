@@ -1,0 +1,111 @@
+"""The optimiser: the paper's momentum SGD with weight decay, and the learning-rate schedules.
+
+Krizhevsky et al.'s update, with ε the learning rate:
+
+    v ← 0.9·v − 0.0005·ε·w − ε·∂L/∂w        w ← w + v
+
+is ``add_decayed_weights(0.0005)`` → ``scale(−ε)`` → ``trace(0.9)``: the learning rate is applied
+*before* the momentum, so velocity built up at an old ε keeps that ε after a drop, as in the paper
+(optax's ``sgd`` applies ε after the momentum, which differs whenever ε changes).
+
+Schedules: ``plateau`` (the paper: ε ÷ 10 when the validation error stops improving, at most three
+times; decided on the host by ``PlateauController`` and written into the injected hyper-parameter
+``lr_scale``, so it is checkpointed with the optimiser state), ``step`` and ``cosine``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(optim_cfg, steps_per_epoch: int, num_epochs: float) -> optax.Schedule:
+  base = float(optim_cfg.learning_rate)
+  kind = optim_cfg.schedule
+  total = int(num_epochs * steps_per_epoch)
+  warmup = int(optim_cfg.get('warmup_epochs', 0) * steps_per_epoch)
+  if kind == 'plateau':
+    schedule = optax.constant_schedule(base)
+  elif kind == 'step':
+    boundaries = {int(e * steps_per_epoch): float(optim_cfg.step_factor) for e in optim_cfg.step_epochs}
+    schedule = optax.piecewise_constant_schedule(base, boundaries)
+  elif kind == 'cosine':
+    schedule = optax.cosine_decay_schedule(base, max(1, total - warmup))
+  else:
+    raise ValueError(f'unknown optim.schedule {kind!r}; choose plateau, step or cosine')
+  if warmup:
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, base, warmup), schedule], [warmup])
+  return schedule
+
+
+def _decay_mask(decay_biases: bool):
+  def mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: decay_biases or getattr(path[-1], 'key', None) != 'bias', params)
+  return mask
+
+
+def make_optimizer(optim_cfg, steps_per_epoch: int, num_epochs: float) -> optax.GradientTransformation:
+  """optax chain of the paper's update with an injected, checkpointed learning rate."""
+
+  def paper_sgd(learning_rate, lr_scale, momentum, weight_decay):
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=_decay_mask(optim_cfg.decay_biases)),
+        optax.scale(-learning_rate * lr_scale),
+        optax.trace(decay=momentum, nesterov=False),
+    )
+
+  return optax.inject_hyperparams(paper_sgd)(
+      learning_rate=learning_rate_schedule(optim_cfg, steps_per_epoch, num_epochs),
+      lr_scale=1.0, momentum=float(optim_cfg.momentum), weight_decay=float(optim_cfg.weight_decay))
+
+
+def current_learning_rate(opt_state) -> jax.Array:
+  hp = opt_state.hyperparams
+  return hp['learning_rate'] * hp['lr_scale']
+
+
+def with_lr_scale(opt_state, scale: float):
+  """The optimiser state with a new plateau factor (keeps dtype and sharding)."""
+  old = opt_state.hyperparams['lr_scale']
+  new = jax.device_put(jnp.asarray(scale, old.dtype), old.sharding)
+  return opt_state._replace(hyperparams={**opt_state.hyperparams, 'lr_scale': new})
+
+
+@dataclasses.dataclass
+class PlateauController:
+  """ε ÷ factor when the validation error has not improved by ``threshold`` for ``patience``
+  evaluations, at most ``max_drops`` times. Its state is small and saved with each checkpoint."""
+  factor: float = 0.1
+  patience: int = 1
+  threshold: float = 1e-3
+  max_drops: int = 3
+  best: float = float('inf')
+  bad_evals: int = 0
+  drops: int = 0
+
+  def update(self, val_error: float) -> bool:
+    """Records one evaluation; True when the learning rate should drop now."""
+    if val_error < self.best - self.threshold:
+      self.best, self.bad_evals = val_error, 0
+      return False
+    self.bad_evals += 1
+    if self.bad_evals >= self.patience and self.drops < self.max_drops:
+      self.drops += 1
+      self.bad_evals = 0
+      return True
+    return False
+
+  @property
+  def scale(self) -> float:
+    return self.factor ** self.drops
+
+  def state_dict(self) -> dict[str, Any]:
+    return dict(best=self.best, bad_evals=self.bad_evals, drops=self.drops)
+
+  def load_state_dict(self, d: dict[str, Any]) -> None:
+    self.best, self.bad_evals, self.drops = float(d['best']), int(d['bad_evals']), int(d['drops'])

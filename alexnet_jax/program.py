@@ -1,0 +1,101 @@
+"""config → mesh → model → train state → compiled steps: everything one run executes.
+
+``build_program`` is shared by the training loop and by the tools (``comm_map``, ``bench``,
+``summary``), so what they inspect and measure is the very step that trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from alexnet_jax import optim, sharding, steps
+from alexnet_jax.models import create_model
+from alexnet_jax.steps import TrainState
+
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Program:
+  config: Any
+  mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  state_specs: TrainState           # PartitionSpecs
+  state_shardings: TrainState       # NamedShardings
+  abstract_state: TrainState        # ShapeDtypeStructs carrying the shardings (for restoring)
+  init_state: Callable[[], TrainState]
+  train_step: Callable              # jitted, donates the state
+  eval_step: Callable               # jitted
+
+  @property
+  def param_count(self) -> int:
+    return sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
+
+
+def _model_and_params(config, seed: int):
+  model = create_model(config.model, nnx.Rngs(seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  return graphdef, params
+
+
+def _opt_state_specs(tx, abstract_params, param_specs):
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  is_spec = lambda x: isinstance(x, P)
+  return optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt, param_specs,
+                               transform_non_params=lambda _: P(), is_leaf=is_spec)
+
+
+def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | None = None) -> Program:
+  if mesh is None:
+    mesh = sharding.make_mesh(config.mesh, towers=config.model.get('towers', 1))
+  sharding.check_batch(config.batch_size, mesh)
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f'unknown compute_dtype {config.compute_dtype!r}; '
+                     f'choose one of {", ".join(COMPUTE_DTYPES)}')
+  dtype = COMPUTE_DTYPES[config.compute_dtype]
+  tx = optim.make_optimizer(config.optim, steps_per_epoch, config.num_epochs)
+
+  graphdef, abstract_vars = _abstract_model(config)
+  param_specs = sharding.param_specs(abstract_vars)
+  abstract_params = nnx.to_pure_dict(abstract_vars)
+  state_specs = TrainState(step=P(), params=param_specs,
+                           opt_state=_opt_state_specs(tx, abstract_params, param_specs), rng=P())
+  state_shardings = sharding.named(state_specs, mesh)
+
+  def init_fn():
+    _, params = _model_and_params(config, config.seed)
+    params = nnx.to_pure_dict(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(config.seed + 1))
+
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                jax.eval_shape(init_fn), state_shardings)
+  ctx = sharding.MeshContext()
+  norm = dict(mean_rgb=tuple(config.input.mean_rgb), std_rgb=tuple(config.input.std_rgb),
+              compute_dtype=dtype)
+  batch_specs = {'image': P(sharding.DATA), 'label': P(sharding.DATA)}
+  train = sharding.shard_step(steps.make_train_step(graphdef, tx, ctx, **norm), mesh,
+                              in_specs=(state_specs, batch_specs), out_specs=(state_specs, P()))
+  evaluate = sharding.shard_step(steps.make_eval_step(graphdef, ctx, **norm), mesh,
+                                 in_specs=(param_specs, {**batch_specs, 'mask': P(sharding.DATA)}),
+                                 out_specs=P())
+  return Program(
+      config=config, mesh=mesh, graphdef=graphdef, tx=tx, state_specs=state_specs,
+      state_shardings=state_shardings, abstract_state=abstract_state,
+      init_state=jax.jit(init_fn, out_shardings=state_shardings),
+      train_step=jax.jit(train, donate_argnums=0),
+      eval_step=jax.jit(evaluate))
+
+
+def _abstract_model(config):
+  """The graph definition and abstract parameters (with their metadata), without allocating."""
+  model = nnx.eval_shape(lambda: create_model(config.model, nnx.Rngs(0)))
+  return nnx.split(model, nnx.Param)

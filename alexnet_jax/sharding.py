@@ -1,0 +1,140 @@
+"""Where things live: the device mesh, parameter placement, and the collectives between devices.
+
+The mesh has two axes. ``data`` splits the batch; ``model`` carries AlexNet's towers (the paper's two
+GPUs). Parameters declare logical axes (``'tower'``); ``LOGICAL_TO_MESH`` maps them onto mesh axes.
+The training and evaluation steps run as one ``jax.shard_map`` program per device, so every
+cross-device transfer is one that this module's ``MeshContext`` performs explicitly:
+
+* ``gather`` — the towers' maps, all-gathered over ``model`` (conv3, fc6, fc7, fc8 only; the backward
+  pass is its reduce-scatter);
+* ``tower_sum`` / ``tower_max`` — the softmax denominator of logits split over the towers (the loss);
+* ``data_sum`` — metrics summed over ``data``; parameter gradients are summed over ``data`` by the
+  transpose of the replication of parameters into the per-device program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+DATA, MODEL = 'data', 'model'
+LOGICAL_TO_MESH = {'tower': MODEL}
+
+
+class MeshError(ValueError):
+  """An impossible mesh / batch / device combination."""
+
+
+def mesh_shape(mesh_cfg, *, num_devices: int, towers: int) -> tuple[int, int]:
+  """(data, model) sizes; ``data=-1`` takes every device not used by the model axis."""
+  model = int(mesh_cfg.model)
+  if model < 1:
+    raise MeshError(f'mesh.model must be at least 1, got {model}')
+  if towers % model:
+    raise MeshError(f'mesh.model={model} must divide model.towers={towers}: each device of the '
+                    'model axis holds whole towers (use mesh.model=1 or 2 for the two-tower net)')
+  data = int(mesh_cfg.data)
+  if data == -1:
+    data = max(1, num_devices // model)
+  if data < 1:
+    raise MeshError(f'mesh.data must be -1 (all devices) or at least 1, got {data}')
+  if data * model > num_devices:
+    raise MeshError(f'the mesh {data}x{model} (data x model) needs {data * model} devices but only '
+                    f'{num_devices} are available; lower mesh.data / mesh.model (mesh.data=-1 uses '
+                    'all devices), or on a CPU emulate more with '
+                    f'XLA_FLAGS=--xla_force_host_platform_device_count={data * model}')
+  return data, model
+
+
+def make_mesh(mesh_cfg, *, towers: int, devices=None) -> jax.sharding.Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  data, model = mesh_shape(mesh_cfg, num_devices=len(devices), towers=towers)
+  return jax.make_mesh((data, model), (DATA, MODEL), devices=devices[:data * model],
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+
+
+def check_batch(global_batch: int, mesh: jax.sharding.Mesh, what: str = 'batch_size') -> None:
+  data = mesh.shape[DATA]
+  if global_batch % data or global_batch < data:
+    raise MeshError(f'{what}={global_batch} is not divisible by the mesh data axis ({data}); use a '
+                    f'multiple of {data} or change mesh.data')
+  if global_batch % (jax.process_count() * 1):
+    raise MeshError(f'{what}={global_batch} is not divisible by the number of hosts '
+                    f'({jax.process_count()})')
+
+
+def _spec_of(variable: nnx.Variable) -> P:
+  axes = variable.get_metadata().get('logical_axes')
+  if axes is None:
+    return P()
+  return P(*(LOGICAL_TO_MESH.get(a) if a is not None else None for a in axes))
+
+
+def param_specs(variables: nnx.State) -> dict:
+  """PartitionSpecs, as a pure dict, for an NNX State of Variables carrying ``logical_axes``."""
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  flat = jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_var)[0]
+  specs: dict = {}
+  for path, var in flat:
+    node = specs
+    keys = [getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', None))) for k in path]
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = _spec_of(var)
+  return specs
+
+
+def named(tree_of_specs: Any, mesh: jax.sharding.Mesh) -> Any:
+  return jax.tree.map(lambda p: NamedSharding(mesh, p), tree_of_specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA))
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """This host's slice of the global batch → global arrays sharded over ``data``."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshContext:
+  """The collectives available to the per-device program; also the models' tower exchange."""
+  data_axis: str = DATA
+  model_axis: str = MODEL
+
+  def gather(self, x: jax.Array) -> jax.Array:
+    """``(local_towers, *dims, c)`` → ``(*dims, towers * c)``, gathering the other devices' towers."""
+    x = jnp.concatenate(list(x), axis=-1)
+    return jax.lax.all_gather(x, self.model_axis, axis=x.ndim - 1, tiled=True)
+
+  def first_tower(self, local_towers: int) -> jax.Array:
+    """Global index of this device's first tower."""
+    return jax.lax.axis_index(self.model_axis) * local_towers
+
+  def tower_sum(self, x: jax.Array) -> jax.Array:
+    return jax.lax.psum(x, self.model_axis)
+
+  def tower_max(self, x: jax.Array) -> jax.Array:
+    return jax.lax.pmax(x, self.model_axis)
+
+  def data_sum(self, x: Any) -> Any:
+    return jax.lax.psum(x, self.data_axis)
+
+  def device_key(self, key: jax.Array) -> jax.Array:
+    """A key of its own for each device (dropout masks differ across examples and towers)."""
+    key = jax.random.fold_in(key, jax.lax.axis_index(self.data_axis))
+    return jax.random.fold_in(key, jax.lax.axis_index(self.model_axis))
+
+
+def shard_step(fn, mesh: jax.sharding.Mesh, in_specs, out_specs):
+  """Runs ``fn`` as one program per device of ``mesh``."""
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)

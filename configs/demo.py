@@ -1,0 +1,24 @@
+"""A few minutes on a laptop: the two-tower AlexNet, scaled down, on the built-in shapes data set.
+
+Emulates the two devices of the paper's split on a CPU-only machine, generates the data on first
+use, and reaches a validation error far below chance (90 %).
+
+  python -m alexnet_jax.main --config=configs/demo.py --workdir=/tmp/alexnet_demo
+"""
+
+from alexnet_jax.configs import base_config
+
+
+def get_config():
+  c = base_config()
+  c.emulate_cpu_devices = 2
+  c.mesh.data, c.mesh.model = 1, 2
+  c.model.update(num_classes=10, image_size=99, width=0.25)
+  c.dataset.update(name='builtin_shapes', num_train=10000, num_val=2000, image_size=112)
+  c.input.update(mean_rgb=(127.5,) * 3, std_rgb=(64.0,) * 3, workers=1)
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.num_epochs = 12
+  c.optim.update(learning_rate=0.02, schedule='cosine', warmup_epochs=1)
+  c.log_every_steps = 20
+  return c
