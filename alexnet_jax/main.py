@@ -1,0 +1,43 @@
+"""Trains a network: ``python -m alexnet_jax.main --config=configs/two_gpu.py --workdir=DIR``.
+
+Any config field can be overridden: ``--config.batch_size=256 --config.mesh.data=4``. A workdir that
+already holds checkpoints is resumed from the latest one.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from alexnet_jax import distributed
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/demo.py')
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required, e.g. --workdir=/tmp/alexnet_demo')
+  distributed.initialize(config)
+  # Imported after the device set-up above: importing them is harmless, but keep JAX untouched.
+  from alexnet_jax import errors, train  # pylint: disable=g-import-not-at-top
+  try:
+    final = train.train_and_evaluate(config, _WORKDIR.value)
+  except errors.USER_ERRORS as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f'final validation: top-1 error {100 * final["top1_error"]:.2f}%, '
+        f'top-5 error {100 * final["top5_error"]:.2f}%', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

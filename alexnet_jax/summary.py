@@ -1,0 +1,81 @@
+"""Per-layer table of a configured network: ``python -m alexnet_jax.summary --config=... [--json]``.
+
+Output shape (per image, towers side by side), neurons, parameters and where the towers live on the
+configured mesh's model axis. Everything comes from ``jax.eval_shape``: nothing is allocated, so the
+full-size network is summarised in a second on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
+_JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
+
+_READS = {'input': 'the image', 'own': 'own tower', 'all': 'both towers'}
+
+
+def layer_table(config) -> dict:
+  """Rows per layer and totals, for ``config.model`` placed on ``config.mesh.model`` devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.models import create_model  # pylint: disable=g-import-not-at-top
+
+  model = nnx.eval_shape(lambda: create_model(config.model, nnx.Rngs(0)))
+  size = config.model.image_size
+  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  _, acts = jax.eval_shape(lambda m, x: m(x, capture=True), model, images)
+  towers = int(config.model.get('towers', 1))
+  model_devices = int(config.mesh.model)
+  per_device = towers // model_devices if towers % model_devices == 0 else None
+  rows = []
+  for name, act in acts.items():
+    layer = getattr(model, name)
+    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(layer, nnx.Param)))
+    local_towers, _, *dims, per_tower = act.shape
+    shape = (*dims, local_towers * per_tower)
+    if towers == 1:
+      placement = 'one tower (dense)'
+    elif per_device is None:
+      placement = f'{towers} towers'
+    else:
+      placement = ', '.join(f'tower {t}: model device {t // per_device}' for t in range(towers))
+    rows.append(dict(layer=name, output_shape=list(shape), neurons=int(np.prod(shape)),
+                     parameters=params, towers=towers,
+                     reads=_READS.get(getattr(layer, 'reads', ''), getattr(layer, 'reads', '')),
+                     placement=placement))
+  return dict(model=config.model.name, image_size=size, input_neurons=size * size * 3,
+              towers=towers, mesh_model_axis=model_devices, layers=rows,
+              total_neurons=sum(r['neurons'] for r in rows),
+              total_parameters=sum(r['parameters'] for r in rows))
+
+
+def format_table(table: dict) -> str:
+  head = (f'{table["model"]}  input {table["image_size"]}x{table["image_size"]}x3 '
+          f'({table["input_neurons"]:,} values), {table["towers"]} tower(s) over '
+          f'{table["mesh_model_axis"]} model-axis device(s)')
+  lines = [head, f'{"layer":<8}{"output":<16}{"neurons":>12}{"parameters":>14}  {"reads":<12}placement']
+  for r in table['layers']:
+    shape = 'x'.join(map(str, r['output_shape']))
+    lines.append(f'{r["layer"]:<8}{shape:<16}{r["neurons"]:>12,}{r["parameters"]:>14,}  '
+                 f'{r["reads"]:<12}{r["placement"]}')
+  lines.append(f'{"total":<8}{"":<16}{table["total_neurons"]:>12,}{table["total_parameters"]:>14,}')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/two_gpu.py')
+  table = layer_table(config)
+  print(json.dumps(table, indent=1) if _JSON.value else format_table(table))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,147 @@
+"""The training loop: config → mesh → data → program → restore → train / evaluate / checkpoint."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from alexnet_jax import checkpointing, metrics as metrics_lib, optim, program as program_lib, sharding
+from alexnet_jax.data import pipeline, sources
+
+
+def evaluate(prog: program_lib.Program, params, eval_source, config) -> dict[str, float]:
+  """Loss and top-1 / top-5 error over the whole evaluation split (centre crops)."""
+  ds = pipeline.eval_dataset(
+      eval_source, global_batch_size=config.eval_batch_size, crop_size=config.model.image_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      workers=config.input.workers)
+  totals = None
+  for batch in ds:
+    out = prog.eval_step(params, sharding.put_batch(batch, prog.mesh))
+    totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+  totals = jax.device_get(totals)
+  n = max(float(totals['count']), 1.0)
+  return dict(loss=float(totals['loss']) / n, top1_error=float(totals['top1_errors']) / n,
+              top5_error=float(totals['top5_errors']) / n, examples=n)
+
+
+def _check_data(config, train_source, eval_source) -> None:
+  classes = train_source.num_classes
+  if classes != config.model.num_classes:
+    raise ValueError(f'data set {config.dataset.name!r} has {classes} classes but '
+                     f'model.num_classes={config.model.num_classes}; set '
+                     f'--config.model.num_classes={classes}')
+  for name, src, batch in (('train', train_source, config.batch_size),
+                           ('eval', eval_source, config.eval_batch_size)):
+    if len(src) < batch and name == 'train':
+      raise ValueError(f'the {name} split has {len(src)} examples, fewer than one batch of {batch}')
+
+
+def _mean(history: list[dict[str, Any]]) -> dict[str, float]:
+  history = jax.device_get(history)
+  return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final
+  validation metrics."""
+  towers = config.model.get('towers', 1)
+  mesh = sharding.make_mesh(config.mesh, towers=towers)
+  sharding.check_batch(config.batch_size, mesh)
+  sharding.check_batch(config.eval_batch_size, mesh, 'eval_batch_size')
+  train_source = sources.open_source(config.dataset, config.dataset.train_split)
+  eval_source = sources.open_source(config.dataset, config.dataset.eval_split)
+  _check_data(config, train_source, eval_source)
+  steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
+  total_steps = int(config.num_epochs * steps_per_epoch)
+  prog = program_lib.build_program(config, steps_per_epoch=steps_per_epoch, mesh=mesh)
+  logging.info('mesh %s, %s parameters, %d steps per epoch, %d steps',
+               dict(mesh.shape), f'{prog.param_count:,}', steps_per_epoch, total_steps)
+
+  train_iter = iter(pipeline.train_dataset(
+      train_source, global_batch_size=config.batch_size, crop_size=config.model.image_size,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      workers=config.input.workers))
+
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), config.checkpoint)
+  plateau = optim.PlateauController(
+      factor=config.optim.plateau_factor, patience=config.optim.plateau_patience,
+      threshold=config.optim.plateau_threshold, max_drops=config.optim.max_drops)
+  restored = checkpointing.restore_latest(manager, prog.abstract_state, train_iter)
+  if restored is None:
+    state = prog.init_state()
+    val = {}
+  else:
+    state = restored.state
+    plateau.load_state_dict(restored.meta['plateau'])
+    val = restored.meta.get('val', {})
+  step = int(jax.device_get(state.step))
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  if step >= total_steps:
+    logging.info('already trained for %d steps', step)
+
+  history: list[dict[str, Any]] = []
+  window_start, window_step = time.perf_counter(), step
+  run_start, run_start_step = window_start, step
+  while step < total_steps:
+    batch = sharding.put_batch(next(train_iter), mesh)
+    state, step_metrics = prog.train_step(state, batch)
+    history.append(step_metrics)
+    step += 1
+    epoch = step / steps_per_epoch
+    if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
+      train_metrics = _mean(history)  # waits for the step: the only host sync of the loop
+      history = []
+      now = time.perf_counter()
+      images_per_s = (step - window_step) * config.batch_size / (now - window_start)
+      train_metrics['images_per_second'] = images_per_s
+      eta = (total_steps - step) * (now - run_start) / max(step - run_start_step, 1)
+      logging.info('step %d/%d  epoch %.2f  loss %.4f  top-1 err %.4f  top-5 err %.4f  lr %.3g  '
+                   '%.1f img/s  ETA %s', step, total_steps, epoch, train_metrics['loss'],
+                   train_metrics['top1_error'], train_metrics['top5_error'],
+                   train_metrics['learning_rate'], images_per_s, _hms(eta))
+      writer.write(step, 'train', dict(epoch=epoch, **train_metrics))
+      window_start, window_step = time.perf_counter(), step
+    if step % steps_per_epoch == 0:
+      epoch_done = step // steps_per_epoch
+      last = step == total_steps
+      if epoch_done % config.eval_every_epochs == 0 or last:
+        val = evaluate(prog, state.params, eval_source, config)
+        logging.info('epoch %d  validation: loss %.4f  top-1 error %.4f  top-5 error %.4f',
+                     epoch_done, val['loss'], val['top1_error'], val['top5_error'])
+        writer.write(step, 'val', dict(epoch=epoch_done, **val))
+        if config.optim.schedule == 'plateau' and plateau.update(val['top1_error']):
+          logging.info('validation error stopped improving: learning rate x %.3g',
+                       plateau.scale)
+          state = state.replace(opt_state=optim.with_lr_scale(state.opt_state, plateau.scale))
+      if epoch_done % config.checkpoint.every_epochs == 0 or last or manager.reached_preemption(step):
+        metrics = {checkpointing.BEST_METRIC: val['top1_error']} if val else None
+        checkpointing.save(manager, step, state, train_iter,
+                           dict(epoch=epoch_done, step=step, plateau=plateau.state_dict(), val=val),
+                           metrics=metrics)
+      window_start = time.perf_counter()  # evaluation and saving are not training throughput
+    elif manager.reached_preemption(step):
+      checkpointing.save(manager, step, state, train_iter,
+                         dict(epoch=epoch, step=step, plateau=plateau.state_dict(), val=val))
+      manager.wait_until_finished()
+      raise SystemExit(f'preempted: checkpoint saved at step {step}')
+
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  if not val:
+    val = evaluate(prog, state.params, eval_source, config)
+  if jax.process_index() == 0:
+    metrics_lib.plot_training_curves(workdir)
+  return val
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
