@@ -6,6 +6,7 @@ already holds checkpoints is resumed from the latest one.
 
 from __future__ import annotations
 
+import logging as pylogging
 import sys
 
 from absl import app, flags, logging
@@ -27,6 +28,9 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required, e.g. --workdir=/tmp/alexnet_demo')
   distributed.initialize(config)
+  # orbax reports every save step at INFO; keep the training log readable.
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= pylogging.WARNING or 'orbax' not in r.pathname)
   # Imported after the device set-up above: importing them is harmless, but keep JAX untouched.
   from alexnet_jax import errors, train  # pylint: disable=g-import-not-at-top
   try:

@@ -13,7 +13,7 @@ def get_config():
   c = base_config()
   c.emulate_cpu_devices = 2
   c.mesh.data, c.mesh.model = 1, 2
-  c.model.update(num_classes=10, image_size=99, width=0.25)
+  c.model.update(num_classes=10, image_size=99, width=0.25, init='he')
   c.dataset.update(name='builtin_shapes', num_train=10000, num_val=2000, image_size=112)
   c.input.update(mean_rgb=(127.5,) * 3, std_rgb=(64.0,) * 3, workers=1)
   c.batch_size = 128

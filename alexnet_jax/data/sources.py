@@ -281,6 +281,10 @@ class TfdsImageSource(ImageSource):
               decoders={self._image_key: tfds.decode.SkipDecoding()})
     return self._ds
 
+  def __getitem__(self, record_key: SupportsIndex) -> dict[str, Any]:
+    self._data_source()  # failing to open the set is an error, not a bad record
+    return super().__getitem__(record_key)
+
   def _read(self, index: int) -> tuple[np.ndarray, int]:
     example = self._data_source()[index]
     data = example[self._image_key]
@@ -328,7 +332,8 @@ def open_source(dataset_cfg, split: str) -> ImageSource:
   Args:
     dataset_cfg: ConfigDict (or anything with `.get`) with `name`, `data_dir` (None →
       TFDS default), and for `builtin_shapes` also `num_train`, `num_val`,
-      `image_size`, `seed`. Optional `max_bad_fraction` (default 0.01).
+      `image_size`, `seed` (and optionally `progress`, default True). Optional
+      `max_bad_fraction` (default 0.01).
     split: a split name, normally `dataset_cfg.train_split` or `dataset_cfg.eval_split`.
       'validation' and 'test' stand in for each other when a set has only one.
 

@@ -40,6 +40,9 @@ class AlexNetSpec:
   lrn_alpha_divided_by_n: bool = False  # True: cuda-convnet / Caffe / PyTorch convention
   dropout: float = 0.5
   weight_std: float = 0.01
+  # 'paper': N(0, weight_std) and the paper's biases. 'he': N(0, 2/fan_in), for scaled-down nets,
+  # whose small fan-ins make the paper's fixed 0.01 train very slowly.
+  init: str = 'paper'
 
   def widths(self) -> dict[str, int]:
     """Layer widths scaled by ``width``, each a multiple of the tower count."""
@@ -55,6 +58,8 @@ class AlexNetSpec:
     return dict(conv1=conv1, conv2=conv2, conv3=conv3, conv4=conv3, conv5=conv3, pool5=pooled(conv3))
 
   def validate(self) -> None:
+    if self.init not in ('paper', 'he'):
+      raise ValueError(f"model.init must be 'paper' or 'he', got {self.init!r}")
     if self.towers < 1:
       raise ValueError(f'model.towers must be at least 1, got {self.towers}')
     if self.num_classes % self.towers:
@@ -70,20 +75,22 @@ class AlexNet(nnx.Module):
   def __init__(self, spec: AlexNetSpec, *, rngs: nnx.Rngs):
     spec.validate()
     self.spec = spec
-    w, t, std = spec.widths(), spec.towers, spec.weight_std
+    w, t = spec.widths(), spec.towers
+    std = spec.weight_std if spec.init == 'paper' else None
+    one = 1.0 if spec.init == 'paper' else 0.0  # the paper's unit biases on conv2, 4, 5, fc6, 7
     conv = lambda cin, cout, k, reads, stride=1, pad=0, bias=0.0: TowerConv(
         cin, cout, k, towers=t, reads=reads, stride=stride, padding=pad, weight_std=std,
         bias_init=bias, rngs=rngs)
     self.conv1 = conv(3, w['conv1'], 11, 'input', stride=4)
-    self.conv2 = conv(w['conv1'], w['conv2'], 5, 'own', pad=2, bias=1.0)
+    self.conv2 = conv(w['conv1'], w['conv2'], 5, 'own', pad=2, bias=one)
     self.conv3 = conv(w['conv2'], w['conv3'], 3, 'all', pad=1)
-    self.conv4 = conv(w['conv3'], w['conv4'], 3, 'own', pad=1, bias=1.0)
-    self.conv5 = conv(w['conv4'], w['conv5'], 3, 'own', pad=1, bias=1.0)
+    self.conv4 = conv(w['conv3'], w['conv4'], 3, 'own', pad=1, bias=one)
+    self.conv5 = conv(w['conv4'], w['conv5'], 3, 'own', pad=1, bias=one)
     flat = spec.map_sizes()['pool5'] ** 2 * w['conv5']
     dense = lambda cin, cout, bias: TowerDense(cin, cout, towers=t, weight_std=std, bias_init=bias,
                                                 rngs=rngs)
-    self.fc6 = dense(flat, w['fc6'], 1.0)
-    self.fc7 = dense(w['fc6'], w['fc7'], 1.0)
+    self.fc6 = dense(flat, w['fc6'], one)
+    self.fc7 = dense(w['fc6'], w['fc7'], one)
     self.fc8 = dense(w['fc7'], spec.num_classes, 0.0)
 
   def _lrn(self, x):

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 TOWER = 'tower'  # logical axis name of the tower dimension of parameters and activations
@@ -104,7 +105,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Ar
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _normal(rngs: nnx.Rngs, shape, std: float) -> jax.Array:
+def _normal(rngs: nnx.Rngs, shape, std: float | None) -> jax.Array:
+  """N(0, std²); ``std=None``: He et al.'s sqrt(2 / fan_in), fan_in from ``(towers, *in, out)``."""
+  if std is None:
+    std = (2.0 / float(np.prod(shape[1:-1]))) ** 0.5
   return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 
 
@@ -117,7 +121,7 @@ class TowerConv(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *, towers: int,
-               reads: str, stride: int = 1, padding: int = 0, weight_std: float = 0.01,
+               reads: str, stride: int = 1, padding: int = 0, weight_std: float | None = 0.01,
                bias_init: float = 0.0, rngs: nnx.Rngs):
     if reads not in ('own', 'all', 'input'):
       raise ValueError(f'reads must be own, all or input, got {reads!r}')
@@ -151,7 +155,7 @@ class TowerDense(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, *, towers: int, reads: str = 'all',
-               weight_std: float = 0.01, bias_init: float = 0.0, rngs: nnx.Rngs):
+               weight_std: float | None = 0.01, bias_init: float = 0.0, rngs: nnx.Rngs):
     if reads not in ('all', 'input'):
       raise ValueError(f'reads must be all or input, got {reads!r}')
     self.kernel = nnx.Param(_normal(rngs, (towers, in_features, out_features // towers), weight_std),

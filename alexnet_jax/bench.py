@@ -1,0 +1,166 @@
+"""Training throughput: ``python -m alexnet_jax.bench --config=configs/two_gpu.py [--batch_size=64]``.
+
+Measures, in one run and on the same synthetic batch:
+  1. the framework's training step (``program.build_program``: shard_map over the configured mesh,
+     optax chain with injected learning rate, metrics), fed with host uint8 batches;
+  2. a bare ``jax.jit`` step of the same network on one device: the model's forward, softmax
+     cross-entropy, gradients and a hand-written momentum update, nothing else around it;
+  3. PyTorch eager on the same network and batch, when torch is installed (the ``bench`` extra).
+and prints images/s, the ratios, and the model FLOP utilisation when ``--peak_tflops`` is given.
+Timing only — the figures never gate a test.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from alexnet_jax import distributed
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
+_BATCH = flags.DEFINE_integer('batch_size', None, 'Global batch (default: the config\'s).')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per measurement.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Alternating measurement rounds; the best is kept.')
+_TORCH = flags.DEFINE_bool('torch', True, 'Also time PyTorch eager when torch is installed.')
+_PEAK = flags.DEFINE_float('peak_tflops', 0.0, 'Device peak TFLOP/s for the MFU figure.')
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
+
+
+def _time_steps(step, state, batch, steps: int, warmup: int):
+  import jax  # pylint: disable=g-import-not-at-top
+  for _ in range(warmup):
+    state, out = step(state, batch)
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, out = step(state, batch)
+  jax.block_until_ready(out)
+  return state, (time.perf_counter() - start) / steps
+
+
+def bare_step(graphdef, config, dtype):
+  """The same network trained with nothing around ``jax.jit``: one device, full logits."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  mean = jnp.asarray(config.input.mean_rgb, jnp.float32)
+  std = jnp.asarray(config.input.std_rgb, jnp.float32)
+  lr, mu, wd = config.optim.learning_rate, config.optim.momentum, config.optim.weight_decay
+
+  def step(state, batch):
+    params, velocity, key = state
+    images = ((batch['image'].astype(jnp.float32) - mean) / std).astype(dtype)
+
+    def loss_fn(p):
+      logits = nnx.merge(graphdef, p)(images, train=True, dropout_key=key)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits.astype(jnp.float32), batch['label']).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    velocity = jax.tree.map(lambda v, g, w: mu * v - lr * (g + wd * w), velocity, grads, params)
+    params = jax.tree.map(lambda w, v: w + v, params, velocity)
+    return (params, velocity, jax.random.fold_in(key, 1)), loss
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def measure(config, *, batch_size: int, steps: int, warmup: int, repeats: int) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import program, sharding  # pylint: disable=g-import-not-at-top
+  config.batch_size = batch_size
+  prog = program.build_program(config, steps_per_epoch=100)
+  size = config.model.image_size
+  rng = np.random.default_rng(0)
+  host_batch = dict(image=rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
+                    label=rng.integers(0, config.model.num_classes, batch_size).astype(np.int32))
+  state = prog.init_state()
+  batch = sharding.put_batch(host_batch, prog.mesh)
+  compiled = prog.train_step.lower(state, batch).compile()
+  flops = (compiled.cost_analysis() or {}).get('flops', 0.0)
+  if isinstance(flops, (list, tuple)):
+    flops = flops[0].get('flops', 0.0)
+  flops *= prog.mesh.size  # cost_analysis counts one device's program
+
+  dtype = program.COMPUTE_DTYPES[config.compute_dtype]
+  bare = bare_step(prog.graphdef, config, dtype)
+  device = prog.mesh.devices.flat[0]
+  params = jax.device_put(jax.device_get(state.params), device)
+  bare_state = (params, jax.tree.map(jnp.zeros_like, params), jax.random.PRNGKey(0))
+  bare_batch = jax.device_put(host_batch, device)
+
+  framework_s, bare_s = [], []
+  for _ in range(repeats):  # alternate, so drift on a noisy machine hits both alike
+    state, dt = _time_steps(prog.train_step, state, batch, steps, warmup)
+    framework_s.append(dt)
+    bare_state, dt = _time_steps(bare, bare_state, bare_batch, steps, warmup)
+    bare_s.append(dt)
+  result = dict(
+      model=config.model.name, towers=config.model.get('towers', 1), batch_size=batch_size,
+      image_size=size, dtype=config.compute_dtype, mesh=dict(prog.mesh.shape),
+      device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
+      framework_images_per_second=batch_size / min(framework_s),
+      bare_jit_images_per_second=batch_size / min(bare_s),
+      step_gflops=flops / 1e9)
+  result['framework_vs_bare_jit'] = result['framework_images_per_second'] / result['bare_jit_images_per_second']
+  return result
+
+
+def measure_torch(config, *, batch_size: int, steps: int, warmup: int) -> dict | None:
+  try:
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return None
+  from alexnet_jax import bench_torch  # pylint: disable=g-import-not-at-top
+  m = config.model
+  return bench_torch.torch_train_images_per_second(
+      towers=m.get('towers', 1), batch_size=batch_size, image_size=m.image_size,
+      num_classes=m.num_classes, width=m.width, steps=steps, warmup=warmup,
+      dtype=config.compute_dtype)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/two_gpu.py')
+  # The configured mesh, emulated on a CPU-only machine.
+  config.emulate_cpu_devices = max(config.emulate_cpu_devices,
+                                   max(1, config.mesh.data) * config.mesh.model)
+  distributed.initialize(config)
+  batch = _BATCH.value or config.batch_size
+  result = measure(config, batch_size=batch, steps=_STEPS.value, warmup=_WARMUP.value,
+                   repeats=_REPEATS.value)
+  if _TORCH.value:
+    torch_result = measure_torch(config, batch_size=batch, steps=_STEPS.value, warmup=_WARMUP.value)
+    if torch_result:
+      result['torch_eager_images_per_second'] = torch_result['images_per_second']
+      result['framework_vs_torch_eager'] = (result['framework_images_per_second']
+                                            / torch_result['images_per_second'])
+  if _PEAK.value:
+    achieved = result['step_gflops'] * result['framework_images_per_second'] / batch / 1e3
+    result['model_flop_utilisation'] = achieved / _PEAK.value
+  if _JSON.value:
+    print(json.dumps(result, indent=1))
+    return
+  print(f'{result["model"]} ({result["towers"]} towers), batch {batch}, {result["image_size"]}^2, '
+        f'{result["dtype"]}, mesh {result["mesh"]}, {result["platform"]} ({result["device"]})')
+  print(f'  framework step      {result["framework_images_per_second"]:9.1f} img/s')
+  print(f'  bare jax.jit step   {result["bare_jit_images_per_second"]:9.1f} img/s   '
+        f'ratio {result["framework_vs_bare_jit"]:.3f}')
+  if 'torch_eager_images_per_second' in result:
+    print(f'  PyTorch eager       {result["torch_eager_images_per_second"]:9.1f} img/s   '
+          f'ratio {result["framework_vs_torch_eager"]:.3f}')
+  print(f'  {result["step_gflops"]:.1f} GFLOP per step')
+  if 'model_flop_utilisation' in result:
+    print(f'  model FLOP utilisation {100 * result["model_flop_utilisation"]:.1f}%')
+
+
+if __name__ == '__main__':
+  app.run(main)
