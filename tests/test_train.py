@@ -115,16 +115,16 @@ def test_main_end_to_end(trained_workdir):
   assert 'img/s' in proc.stderr and 'ETA' in proc.stderr
 
 
-@pytest.mark.parametrize('override, message', [
-    ('--config.model.name=alexnett', 'unknown model'),
-    ('--config.dataset.name=no_such_set', 'no_such_set'),
-    ('--config.batch_size=15', 'not divisible by the mesh data axis'),
-    ('--config.mesh.data=9', 'devices but only'),
+@pytest.mark.parametrize('overrides, message', [
+    (['--config.model.name=alexnett'], 'unknown model'),
+    (['--config.dataset.name=no_such_set'], 'no_such_set'),
+    (['--config.mesh.data=4', '--config.batch_size=18'], 'not divisible by the mesh data axis'),
+    (['--config.mesh.data=9'], 'devices but only'),
 ])
-def test_bad_input_is_one_clear_line(tmp_path, trained_workdir, override, message):
+def test_bad_input_is_one_clear_line(tmp_path, trained_workdir, overrides, message):
   data, workdir, _ = trained_workdir
   before = _digest(workdir)
-  proc = _run_main(_tiny_args(data, workdir) + [override])
+  proc = _run_main(_tiny_args(data, workdir) + overrides)
   assert proc.returncode != 0
   error_lines = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
   assert len(error_lines) == 1 and message in error_lines[0], proc.stderr[-2000:]
