@@ -1,0 +1,59 @@
+"""The command-line tools: summary (counts from eval_shape) and bench (runs, prints figures)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from alexnet_jax import summary
+from alexnet_jax.configs import base_config
+from test_models import PAPER_NEURONS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('towers, params', [(2, 60_965_224), (1, 62_378_344)])
+def test_summary_table(towers, params):
+  c = base_config()
+  c.model.towers = towers
+  c.mesh.model = towers
+  table = summary.layer_table(c)
+  assert table['total_parameters'] == params
+  assert {r['layer']: r['neurons'] for r in table['layers']} == PAPER_NEURONS
+  reads = {r['layer']: r['reads'] for r in table['layers']}
+  assert reads['conv2'] == 'own tower' and reads['conv3'] == 'both towers'
+  text = summary.format_table(table)
+  assert f'{params:,}' in text and '290,400' in text
+  if towers == 2:
+    assert 'tower 1: model device 1' in table['layers'][0]['placement']
+
+
+def _tool(module, *args):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_summary_cli_json():
+  out = json.loads(_tool('alexnet_jax.summary', '--config=configs/two_gpu.py', '--json'))
+  assert out['total_parameters'] == 60_965_224 and out['input_neurons'] == 154_587
+
+
+def test_comm_map_cli_json():
+  out = json.loads(_tool('alexnet_jax.comm_map', '--config=configs/demo.py', '--json',
+                         '--config.model.width=0.0625', '--config.model.image_size=67',
+                         '--config.batch_size=16'))
+  model_layers = {r['layer'] for r in out['collectives'] if r['axis'] == 'model'}
+  assert model_layers == {'conv3', 'fc6', 'fc7', 'fc8', 'loss'} and out['mesh'] == {'data': 1, 'model': 2}
+
+
+def test_bench_cli_prints_figures():
+  out = json.loads(_tool('alexnet_jax.bench', '--config=configs/demo.py', '--json', '--torch=false',
+                         '--config.model.width=0.0625', '--config.model.image_size=67',
+                         '--batch_size=8', '--steps=1', '--warmup=1', '--repeats=1'))
+  assert out['framework_images_per_second'] > 0 and out['bare_jit_images_per_second'] > 0
+  assert out['step_gflops'] > 0 and out['mesh'] == {'data': 1, 'model': 2}
