@@ -21,14 +21,6 @@ from ml_collections import config_flags
 
 from alexnet_jax import distributed
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
-_BATCH = flags.DEFINE_integer('batch_size', None, 'Global batch (default: the config\'s).')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per measurement.')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Alternating measurement rounds; the best is kept.')
-_TORCH = flags.DEFINE_bool('torch', True, 'Also time PyTorch eager when torch is installed.')
-_PEAK = flags.DEFINE_float('peak_tflops', 0.0, 'Device peak TFLOP/s for the MFU figure.')
-_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
 
 
 def _time_steps(step, state, batch, steps: int, warmup: int):
@@ -127,26 +119,26 @@ def measure_torch(config, *, batch_size: int, steps: int, warmup: int) -> dict |
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/two_gpu.py')
   # The configured mesh, emulated on a CPU-only machine.
   config.emulate_cpu_devices = max(config.emulate_cpu_devices,
                                    max(1, config.mesh.data) * config.mesh.model)
   distributed.initialize(config)
-  batch = _BATCH.value or config.batch_size
-  result = measure(config, batch_size=batch, steps=_STEPS.value, warmup=_WARMUP.value,
-                   repeats=_REPEATS.value)
-  if _TORCH.value:
-    torch_result = measure_torch(config, batch_size=batch, steps=_STEPS.value, warmup=_WARMUP.value)
+  batch = flags.FLAGS.batch_size or config.batch_size
+  result = measure(config, batch_size=batch, steps=flags.FLAGS.steps, warmup=flags.FLAGS.warmup,
+                   repeats=flags.FLAGS.repeats)
+  if flags.FLAGS.torch:
+    torch_result = measure_torch(config, batch_size=batch, steps=flags.FLAGS.steps, warmup=flags.FLAGS.warmup)
     if torch_result:
       result['torch_eager_images_per_second'] = torch_result['images_per_second']
       result['framework_vs_torch_eager'] = (result['framework_images_per_second']
                                             / torch_result['images_per_second'])
-  if _PEAK.value:
+  if flags.FLAGS.peak_tflops:
     achieved = result['step_gflops'] * result['framework_images_per_second'] / batch / 1e3
-    result['model_flop_utilisation'] = achieved / _PEAK.value
-  if _JSON.value:
+    result['model_flop_utilisation'] = achieved / flags.FLAGS.peak_tflops
+  if flags.FLAGS.json:
     print(json.dumps(result, indent=1))
     return
   print(f'{result["model"]} ({result["towers"]} towers), batch {batch}, {result["image_size"]}^2, '
@@ -162,5 +154,18 @@ def main(argv):
     print(f'  model FLOP utilisation {100 * result["model_flop_utilisation"]:.1f}%')
 
 
+def _define_flags() -> None:
+  """Command-line flags, defined only when run as a program (the module is also a library)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
+  flags.DEFINE_integer('batch_size', None, 'Global batch (default: the config\'s).')
+  flags.DEFINE_integer('steps', 5, 'Timed steps per measurement.')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+  flags.DEFINE_integer('repeats', 3, 'Alternating measurement rounds; the best is kept.')
+  flags.DEFINE_bool('torch', True, 'Also time PyTorch eager when torch is installed.')
+  flags.DEFINE_float('peak_tflops', 0.0, 'Device peak TFLOP/s for the MFU figure.')
+  flags.DEFINE_bool('json', False, 'Print one JSON object.')
+
+
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -25,8 +25,6 @@ from ml_collections import config_flags
 
 from alexnet_jax import distributed
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
-_JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
 
 KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'collective-permute', 'all-to-all')
 SCOPES = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8', 'loss', 'metrics',
@@ -168,17 +166,24 @@ def format_table(rows: list[dict], mesh_shape: dict[str, int]) -> str:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/two_gpu.py')
   distributed.initialize(config)
   hlo, mesh_shape = compiled_train_step_hlo(config)
   rows = summarize(parse_collectives(hlo, mesh_shape))
-  if _JSON.value:
+  if flags.FLAGS.json:
     print(json.dumps(dict(mesh=mesh_shape, collectives=rows), indent=1))
   else:
     print(format_table(rows, mesh_shape))
 
 
+def _define_flags() -> None:
+  """Command-line flags, defined only when run as a program (the module is also a library)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
+  flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
+
+
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

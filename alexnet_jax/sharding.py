@@ -64,7 +64,7 @@ def check_batch(global_batch: int, mesh: jax.sharding.Mesh, what: str = 'batch_s
   if global_batch % data or global_batch < data:
     raise MeshError(f'{what}={global_batch} is not divisible by the mesh data axis ({data}); use a '
                     f'multiple of {data} or change mesh.data')
-  if global_batch % (jax.process_count() * 1):
+  if global_batch % jax.process_count():
     raise MeshError(f'{what}={global_batch} is not divisible by the number of hosts '
                     f'({jax.process_count()})')
 

@@ -30,16 +30,15 @@ def evaluate(prog: program_lib.Program, params, eval_source, config) -> dict[str
               top5_error=float(totals['top5_errors']) / n, examples=n)
 
 
-def _check_data(config, train_source, eval_source) -> None:
+def _check_data(config, train_source) -> None:
   classes = train_source.num_classes
   if classes != config.model.num_classes:
     raise ValueError(f'data set {config.dataset.name!r} has {classes} classes but '
                      f'model.num_classes={config.model.num_classes}; set '
                      f'--config.model.num_classes={classes}')
-  for name, src, batch in (('train', train_source, config.batch_size),
-                           ('eval', eval_source, config.eval_batch_size)):
-    if len(src) < batch and name == 'train':
-      raise ValueError(f'the {name} split has {len(src)} examples, fewer than one batch of {batch}')
+  if len(train_source) < config.batch_size:
+    raise ValueError(f'the training split has {len(train_source)} examples, fewer than one batch '
+                     f'of {config.batch_size}; lower --config.batch_size')
 
 
 def _mean(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -56,7 +55,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   sharding.check_batch(config.eval_batch_size, mesh, 'eval_batch_size')
   train_source = sources.open_source(config.dataset, config.dataset.train_split)
   eval_source = sources.open_source(config.dataset, config.dataset.eval_split)
-  _check_data(config, train_source, eval_source)
+  _check_data(config, train_source)
   steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
   total_steps = int(config.num_epochs * steps_per_epoch)
   prog = program_lib.build_program(config, steps_per_epoch=steps_per_epoch, mesh=mesh)
@@ -90,7 +89,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   window_start, window_step = time.perf_counter(), step
   run_start, run_start_step = window_start, step
   while step < total_steps:
-    batch = sharding.put_batch(next(train_iter), mesh)
+    host_batch = next(train_iter)
+    batch = sharding.put_batch({k: host_batch[k] for k in ('image', 'label')}, mesh)
     state, step_metrics = prog.train_step(state, batch)
     history.append(step_metrics)
     step += 1

@@ -122,3 +122,13 @@ def test_bad_model_configs():
     create_model(dict(name='alexnet', image_size=50), nnx.Rngs(0))
   with pytest.raises(ValueError, match='bad config.model'):
     create_model(dict(name='alexnet', colour=3), nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('stride, padding', [(4, 0), (2, 1), (1, 2)])
+def test_conv_as_matmul_equals_xla_convolution(stride, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 23, 23, 3)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(5, 5, 3, 4)), jnp.float32)
+  ref = jax.lax.conv_general_dilated(x, k, (stride, stride), [(padding, padding)] * 2,
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(layers.conv2d_as_matmul(x, k, stride, padding), ref, rtol=1e-4, atol=1e-4)

@@ -55,19 +55,18 @@ def local_response_norm(x: jax.Array, *, k: float = 2.0, n: int = 5, alpha: floa
 
   b_c = a_c / (k + alpha * sum_{c' = c - n//2}^{c + n//2} a_{c'}^2) ** beta, maps beyond the edges
   contributing nothing. The paper's alpha multiplies the plain sum; cuda-convnet, Caffe and PyTorch
-  divide alpha by n (``alpha_divided_by_n=True``). The window sum is n shifted slices of the padded
-  squares rather than ``reduce_window``, which XLA's CPU backend runs slowly.
+  divide alpha by n (``alpha_divided_by_n=True``). The window sum is a product with a banded 0/1
+  matrix: a matmul that every backend runs fast, forward and backward, where ``reduce_window`` or
+  shifted slices are memory-bound passes (and ``reduce_window`` is slow on XLA's CPU backend).
   """
   if alpha_divided_by_n:
     alpha = alpha / n
-  half = n // 2
-  squares = jnp.square(x)
-  padded = jnp.pad(squares, [(0, 0)] * (x.ndim - 1) + [(half, n - 1 - half)])
   c = x.shape[-1]
-  window = padded[..., 0:c]
-  for offset in range(1, n):
-    window = window + padded[..., offset:offset + c]
-  denom = k + alpha * window
+  channel = jnp.arange(c)
+  lo, hi = n // 2, n - 1 - n // 2   # the window of map c is [c - lo, c + hi]
+  window = ((channel[None, :] - channel[:, None] <= lo)
+            & (channel[:, None] - channel[None, :] <= hi)).astype(x.dtype)
+  denom = k + alpha * jnp.einsum('...c,cd->...d', jnp.square(x), window)
   if beta == 0.75:  # the paper's value: two square roots beat a general power on every backend
     return x * jax.lax.rsqrt(denom * jnp.sqrt(denom))
   return x * jnp.power(denom, -beta)
@@ -100,9 +99,26 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """NHWC x HWIO convolution. Strided convolutions run as patches x matmul on XLA's CPU backend,
+  whose strided-convolution kernels (and their weight gradients) are 2-3x slower than that."""
+  if stride > 1 and jax.default_backend() == 'cpu':
+    return conv2d_as_matmul(x, kernel, stride, padding)
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=[(padding, padding)] * 2,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def conv2d_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """The same convolution as one matmul over explicitly gathered patches (im2col)."""
+  kh, kw, cin, cout = kernel.shape
+  if padding:
+    x = jnp.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+  out_h = (x.shape[1] - kh) // stride + 1
+  out_w = (x.shape[2] - kw) // stride + 1
+  patches = jnp.concatenate(
+      [x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
+       for i in range(kh) for j in range(kw)], axis=-1)
+  return jnp.einsum('nhwk,ko->nhwo', patches, kernel.reshape(kh * kw * cin, cout))
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float | None) -> jax.Array:
