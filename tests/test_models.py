@@ -132,3 +132,20 @@ def test_conv_as_matmul_equals_xla_convolution(stride, padding):
   ref = jax.lax.conv_general_dilated(x, k, (stride, stride), [(padding, padding)] * 2,
                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   np.testing.assert_allclose(layers.conv2d_as_matmul(x, k, stride, padding), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_max_pool_gradient_goes_to_each_window_maximum():
+  rng = np.random.default_rng(1)
+  a = rng.normal(size=(2, 9, 9, 3)).astype(np.float32)
+  g = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+  _, vjp = jax.vjp(layers.max_pool, jnp.asarray(a))
+  (got,) = vjp(jnp.asarray(g))
+  ref = np.zeros_like(a)
+  for b in range(2):
+    for i in range(4):
+      for j in range(4):
+        for c in range(3):
+          win = a[b, 2 * i:2 * i + 3, 2 * j:2 * j + 3, c]
+          di, dj = np.unravel_index(np.argmax(win), win.shape)
+          ref[b, 2 * i + di, 2 * j + dj, c] += g[b, i, j, c]
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6)

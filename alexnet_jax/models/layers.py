@@ -14,6 +14,7 @@ work as separate convolutions, and on a mesh each device then holds exactly one 
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import jax
@@ -72,14 +73,8 @@ def local_response_norm(x: jax.Array, *, k: float = 2.0, n: int = 5, alpha: floa
   return x * jnp.power(denom, -beta)
 
 
-def max_pool(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
-  """Max-pooling over the two spatial axes of NHWC maps, no padding (floor arithmetic).
-
-  Written as the maximum of ``window**2`` strided slices: XLA's CPU backend executes this (and its
-  gradient) far faster than ``reduce_window`` / ``select_and_scatter``. Ties share the gradient, which
-  only happens between equal values and is immaterial after a ReLU.
-  """
-  *lead, h, w, c = x.shape
+def _pool_by_slices(x: jax.Array, window: int, stride: int) -> jax.Array:
+  *_, h, w, _ = x.shape
   out_h = (h - window) // stride + 1
   out_w = (w - window) // stride + 1
   out = None
@@ -88,6 +83,35 @@ def max_pool(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
       patch = x[..., i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
       out = patch if out is None else jnp.maximum(out, patch)
   return out
+
+
+def _pool_by_reduce_window(x: jax.Array, window: int, stride: int) -> jax.Array:
+  dims = (1,) * (x.ndim - 3) + (window, window, 1)
+  strides = (1,) * (x.ndim - 3) + (stride, stride, 1)
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, 'VALID')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def max_pool(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
+  """Max-pooling over the two spatial axes of NHWC maps (any leading axes), no padding.
+
+  The forward pass is the maximum of ``window**2`` strided slices, the backward pass
+  ``reduce_window``'s own gradient (``select_and_scatter_add``): on XLA's CPU backend each is the
+  faster of the two ways for its direction. Both route the gradient to the first maximum.
+  """
+  return _pool_by_slices(x, window, stride)
+
+
+def _max_pool_fwd(x, window, stride):
+  return _pool_by_slices(x, window, stride), x
+
+
+def _max_pool_bwd(window, stride, x, g):
+  _, pool_vjp = jax.vjp(lambda y: _pool_by_reduce_window(y, window, stride), x)
+  return pool_vjp(g)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
