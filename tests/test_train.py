@@ -148,3 +148,16 @@ def test_unreadable_checkpoint_is_reported_and_left_alone(tmp_path, trained_work
   error_lines = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
   assert len(error_lines) == 1 and 'cannot restore the checkpoint' in error_lines[0], proc.stderr[-3000:]
   assert _digest(broken) == before
+
+
+def test_bfloat16_compute_trains_with_float32_parameters():
+  c = tiny_config(data=2, model=2)
+  c.compute_dtype = 'bfloat16'
+  c.model.init = 'he'
+  prog = program.build_program(c, steps_per_epoch=10)
+  rng = np.random.default_rng(0)
+  batch = sharding.put_batch(dict(image=rng.integers(0, 256, (16, 67, 67, 3), dtype=np.uint8),
+                                  label=rng.integers(0, 10, 16).astype(np.int32)), prog.mesh)
+  state, metrics = prog.train_step(prog.init_state(), batch)
+  assert np.isfinite(float(metrics['loss']))
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
