@@ -17,9 +17,8 @@ import time
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
-from alexnet_jax import distributed
+from alexnet_jax import cli, distributed
 
 
 
@@ -119,9 +118,7 @@ def measure_torch(config, *, batch_size: int, steps: int, warmup: int) -> dict |
 
 def main(argv):
   del argv
-  config = flags.FLAGS.config
-  if config is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/two_gpu.py')
+  config = cli.config_or_usage_error()
   # The configured mesh, emulated on a CPU-only machine.
   config.emulate_cpu_devices = max(config.emulate_cpu_devices,
                                    max(1, config.mesh.data) * config.mesh.model)
@@ -155,15 +152,13 @@ def main(argv):
 
 
 def _define_flags() -> None:
-  """Command-line flags, defined only when run as a program (the module is also a library)."""
-  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
+  cli.define_tool_flags('Print one JSON object.')
   flags.DEFINE_integer('batch_size', None, 'Global batch (default: the config\'s).')
   flags.DEFINE_integer('steps', 5, 'Timed steps per measurement.')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
   flags.DEFINE_integer('repeats', 3, 'Alternating measurement rounds; the best is kept.')
   flags.DEFINE_bool('torch', True, 'Also time PyTorch eager when torch is installed.')
   flags.DEFINE_float('peak_tflops', 0.0, 'Device peak TFLOP/s for the MFU figure.')
-  flags.DEFINE_bool('json', False, 'Print one JSON object.')
 
 
 if __name__ == '__main__':

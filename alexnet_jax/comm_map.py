@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import json
 import re
-import sys
 
 import numpy as np
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from alexnet_jax import distributed
+from alexnet_jax import cli, distributed
 
 
 KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'collective-permute', 'all-to-all')
@@ -166,9 +163,7 @@ def format_table(rows: list[dict], mesh_shape: dict[str, int]) -> str:
 
 def main(argv):
   del argv
-  config = flags.FLAGS.config
-  if config is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/two_gpu.py')
+  config = cli.config_or_usage_error()
   distributed.initialize(config)
   hlo, mesh_shape = compiled_train_step_hlo(config)
   rows = summarize(parse_collectives(hlo, mesh_shape))
@@ -178,12 +173,6 @@ def main(argv):
     print(format_table(rows, mesh_shape))
 
 
-def _define_flags() -> None:
-  """Command-line flags, defined only when run as a program (the module is also a library)."""
-  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
-  flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
-
-
 if __name__ == '__main__':
-  _define_flags()
+  cli.define_tool_flags()
   app.run(main)

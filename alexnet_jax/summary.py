@@ -11,7 +11,8 @@ import json
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
+
+from alexnet_jax import cli
 
 
 _READS = {'input': 'the image', 'own': 'own tower', 'all': 'both towers'}
@@ -68,19 +69,11 @@ def format_table(table: dict) -> str:
 
 def main(argv):
   del argv
-  config = flags.FLAGS.config
-  if config is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/two_gpu.py')
+  config = cli.config_or_usage_error()
   table = layer_table(config)
   print(json.dumps(table, indent=1) if flags.FLAGS.json else format_table(table))
 
 
-def _define_flags() -> None:
-  """Command-line flags, defined only when run as a program (the module is also a library)."""
-  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
-  flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
-
-
 if __name__ == '__main__':
-  _define_flags()
+  cli.define_tool_flags()
   app.run(main)
