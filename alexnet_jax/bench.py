@@ -21,7 +21,6 @@ from absl import app, flags
 from alexnet_jax import cli, distributed
 
 
-
 def _time_steps(step, state, batch, steps: int, warmup: int):
   import jax  # pylint: disable=g-import-not-at-top
   for _ in range(warmup):
@@ -40,13 +39,12 @@ def bare_step(graphdef, config, dtype):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  mean = jnp.asarray(config.input.mean_rgb, jnp.float32)
-  std = jnp.asarray(config.input.std_rgb, jnp.float32)
+  from alexnet_jax.steps import normalize  # pylint: disable=g-import-not-at-top
   lr, mu, wd = config.optim.learning_rate, config.optim.momentum, config.optim.weight_decay
 
   def step(state, batch):
     params, velocity, key = state
-    images = ((batch['image'].astype(jnp.float32) - mean) / std).astype(dtype)
+    images = normalize(batch['image'], config.input.mean_rgb, config.input.std_rgb, dtype)
 
     def loss_fn(p):
       logits = nnx.merge(graphdef, p)(images, train=True, dropout_key=key)

@@ -14,14 +14,10 @@ from alexnet_jax import checkpointing, metrics as metrics_lib, optim, program as
 from alexnet_jax.data import pipeline, sources
 
 
-def evaluate(prog: program_lib.Program, params, eval_source, config) -> dict[str, float]:
-  """Loss and top-1 / top-5 error over the whole evaluation split (centre crops)."""
-  ds = pipeline.eval_dataset(
-      eval_source, global_batch_size=config.eval_batch_size, crop_size=config.model.image_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      workers=config.input.workers)
+def evaluate(prog: program_lib.Program, params, eval_ds) -> dict[str, float]:
+  """Loss and top-1 / top-5 error over one pass of ``eval_ds`` (centre crops, padded batches)."""
   totals = None
-  for batch in ds:
+  for batch in eval_ds:
     out = prog.eval_step(params, sharding.put_batch(batch, prog.mesh))
     totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
   totals = jax.device_get(totals)
@@ -62,6 +58,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   logging.info('mesh %s, %s parameters, %d steps per epoch, %d steps',
                dict(mesh.shape), f'{prog.param_count:,}', steps_per_epoch, total_steps)
 
+  eval_ds = pipeline.eval_dataset(  # iterated afresh at every evaluation
+      eval_source, global_batch_size=config.eval_batch_size, crop_size=config.model.image_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      workers=config.input.workers)
   train_iter = iter(pipeline.train_dataset(
       train_source, global_batch_size=config.batch_size, crop_size=config.model.image_size,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -85,6 +85,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if step >= total_steps:
     logging.info('already trained for %d steps', step)
 
+  # Checkpoint metadata: read when called, so it carries the loop's current step and metrics.
+  meta = lambda epoch: dict(epoch=epoch, step=step, plateau=plateau.state_dict(), val=val)
   history: list[dict[str, Any]] = []
   window_start, window_step = time.perf_counter(), step
   run_start, run_start_step = window_start, step
@@ -112,7 +114,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       epoch_done = step // steps_per_epoch
       last = step == total_steps
       if epoch_done % config.eval_every_epochs == 0 or last:
-        val = evaluate(prog, state.params, eval_source, config)
+        val = evaluate(prog, state.params, eval_ds)
         logging.info('epoch %d  validation: loss %.4f  top-1 error %.4f  top-5 error %.4f',
                      epoch_done, val['loss'], val['top1_error'], val['top5_error'])
         writer.write(step, 'val', dict(epoch=epoch_done, **val))
@@ -122,13 +124,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           state = state.replace(opt_state=optim.with_lr_scale(state.opt_state, plateau.scale))
       if epoch_done % config.checkpoint.every_epochs == 0 or last or manager.reached_preemption(step):
         metrics = {checkpointing.BEST_METRIC: val['top1_error']} if val else None
-        checkpointing.save(manager, step, state, train_iter,
-                           dict(epoch=epoch_done, step=step, plateau=plateau.state_dict(), val=val),
-                           metrics=metrics)
+        checkpointing.save(manager, step, state, train_iter, meta(epoch_done), metrics=metrics)
       window_start = time.perf_counter()  # evaluation and saving are not training throughput
     elif manager.reached_preemption(step):
-      checkpointing.save(manager, step, state, train_iter,
-                         dict(epoch=epoch, step=step, plateau=plateau.state_dict(), val=val))
+      checkpointing.save(manager, step, state, train_iter, meta(epoch))
       manager.wait_until_finished()
       raise SystemExit(f'preempted: checkpoint saved at step {step}')
 
@@ -136,7 +135,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   manager.close()
   writer.close()
   if not val:
-    val = evaluate(prog, state.params, eval_source, config)
+    val = evaluate(prog, state.params, eval_ds)
   if jax.process_index() == 0:
     metrics_lib.plot_training_curves(workdir)
   return val
