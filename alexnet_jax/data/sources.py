@@ -30,6 +30,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import struct
 import threading
@@ -110,19 +111,32 @@ def decode_record(record: bytes) -> tuple[np.ndarray, int]:
   return image, int(label)
 
 
-def decode_image_bytes(data: bytes) -> np.ndarray:
-  """Decodes PNG/JPEG/... bytes to uint8 RGB (H, W, 3) with PIL (no TensorFlow)."""
+def decode_image_bytes(data: bytes, min_side: int | None = None) -> np.ndarray:
+  """Decodes PNG/JPEG/... bytes to uint8 RGB (H, W, 3) with PIL (no TensorFlow).
+
+  With ``min_side``, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling,
+  several times faster) as long as its shorter side stays at least ``min_side``.
+  """
   try:
     with Image.open(io.BytesIO(data)) as img:
-      img.load()
-      if img.mode != "RGB":
-        img = img.convert("RGB")
-      image = np.asarray(img, dtype=np.uint8)
+      image = np.asarray(load_rgb(img, min_side), dtype=np.uint8)
   except Exception as e:  # PIL raises a zoo of exception types on bad data.
     raise CorruptRecordError(f"undecodable image ({type(e).__name__}: {e})") from e
   if image.ndim != 3 or image.shape[2] != 3:
     raise CorruptRecordError(f"decoded image has shape {image.shape}")
   return image
+
+
+def load_rgb(img: Image.Image, min_side: int | None = None) -> Image.Image:
+  """Loads an opened PIL image as RGB, at reduced JPEG scale when ``min_side`` allows it."""
+  if min_side is not None and img.format == "JPEG":
+    w, h = img.size
+    scale = min_side / min(w, h)
+    if scale < 1:
+      # draft keeps both sides >= the requested ones, so the shorter one stays >= min_side.
+      img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+  img.load()
+  return img if img.mode == "RGB" else img.convert("RGB")
 
 
 # ---------------------------------------------------------------------------
@@ -261,8 +275,10 @@ class TfdsImageSource(ImageSource):
   """
 
   def __init__(self, builder_dir: str, tfds_split: str, image_key: str, label_key: str,
-               info: DatasetInfo, *, max_bad_fraction: float = 0.01):
+               info: DatasetInfo, *, max_bad_fraction: float = 0.01,
+               min_side: int | None = None):
     super().__init__(info, max_bad_fraction=max_bad_fraction)
+    self._min_side = min_side
     self._builder_dir = builder_dir
     self._tfds_split = tfds_split
     self._image_key = image_key
@@ -295,7 +311,7 @@ class TfdsImageSource(ImageSource):
       if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise CorruptRecordError(f"image has dtype {image.dtype} shape {image.shape}")
     else:
-      image = decode_image_bytes(bytes(data))
+      image = decode_image_bytes(bytes(data), self._min_side)
     return image, int(example[self._label_key])
 
   def __getstate__(self):
@@ -307,6 +323,51 @@ class TfdsImageSource(ImageSource):
   def __setstate__(self, state):
     super().__setstate__(state)
     self._open_lock = threading.Lock()
+
+
+class FolderImageSource(ImageSource):
+  """A folder with one subfolder of images per class, read directly (no preparation): what
+  torchvision's ImageFolder reads. Used to compare with it; training reads prepared sets."""
+
+  def __init__(self, root: str, *, max_bad_fraction: float = 0.01, min_side: int | None = None):
+    class_names, files = list_class_folder(root)
+    info = DatasetInfo(name=os.path.basename(os.path.normpath(root)), split="train",
+                       num_examples=len(files), num_classes=len(class_names),
+                       class_names=tuple(class_names), location=root)
+    super().__init__(info, max_bad_fraction=max_bad_fraction)
+    self._files = files
+    self._min_side = min_side
+
+  def _read(self, index: int) -> tuple[np.ndarray, int]:
+    path, label = self._files[index]
+    with Image.open(os.path.join(self.info.location, path)) as img:
+      return np.asarray(load_rgb(img, self._min_side), dtype=np.uint8), label
+
+
+def list_class_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
+  """(sorted class names, [(path relative to root, label)]) of a folder of class subfolders.
+
+  Every regular file counts (sorted, like torchvision's ImageFolder without its extension
+  filter), so that non-image files are reported as bad rather than silently dropped; hidden
+  files and folders (starting with '.') are ignored.
+  """
+  if not os.path.isdir(root):
+    raise DatasetNotFoundError(f"{root} is not a directory")
+  class_names = sorted(d for d in os.listdir(root)
+                       if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+  if not class_names:
+    raise DatasetNotFoundError(
+        f"{root} has no class subfolders: expected {root}/<class name>/<image files>")
+  files = []
+  for label, name in enumerate(class_names):
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
+      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+      rel = os.path.relpath(dirpath, root)
+      files.extend((os.path.join(rel, f), label) for f in sorted(filenames)
+                   if not f.startswith("."))
+  if not files:
+    raise DatasetNotFoundError(f"the class subfolders of {root} hold no files")
+  return class_names, files
 
 
 # ---------------------------------------------------------------------------
@@ -326,8 +387,11 @@ def _cfg_get(cfg, key: str, default=None):
   return getattr(cfg, key, default)
 
 
-def open_source(dataset_cfg, split: str) -> ImageSource:
+def open_source(dataset_cfg, split: str, *, min_side: int | None = None) -> ImageSource:
   """Opens one split of the configured data set.
+
+  The name is looked up as the built-in set, then as a set prepared by `alexnet_jax.prepare`
+  (``{data_dir}/{name}/metadata.json``), then as a TFDS set.
 
   Args:
     dataset_cfg: ConfigDict (or anything with `.get`) with `name`, `data_dir` (None →
@@ -336,6 +400,8 @@ def open_source(dataset_cfg, split: str) -> ImageSource:
       `max_bad_fraction` (default 0.01).
     split: a split name, normally `dataset_cfg.train_split` or `dataset_cfg.eval_split`.
       'validation' and 'test' stand in for each other when a set has only one.
+    min_side: the pipeline rescales images so their shorter side is this long (the paper's
+      256): TFDS JPEGs are then decoded at reduced scale where that keeps enough pixels.
 
   Raises:
     DatasetNotFoundError: the set or split is unknown or not prepared; the message
@@ -350,7 +416,10 @@ def open_source(dataset_cfg, split: str) -> ImageSource:
   max_bad_fraction = float(_cfg_get(dataset_cfg, "max_bad_fraction", 0.01))
   if name == BUILTIN_NAME:
     return _open_builtin(dataset_cfg, split, data_dir, max_bad_fraction)
-  return _open_tfds(name, split, data_dir, max_bad_fraction)
+  prepared = os.path.join(data_dir, name)
+  if os.path.isfile(os.path.join(prepared, "metadata.json")):
+    return open_record_directory(prepared, split, max_bad_fraction=max_bad_fraction)
+  return _open_tfds(name, split, data_dir, max_bad_fraction, min_side)
 
 
 def _open_builtin(cfg, split: str, data_dir: str, max_bad_fraction: float) -> ImageSource:
@@ -365,23 +434,23 @@ def _open_builtin(cfg, split: str, data_dir: str, max_bad_fraction: float) -> Im
   return open_builtin_directory(directory, split, max_bad_fraction=max_bad_fraction)
 
 
-def open_builtin_directory(directory: str, split: str, *,
-                           max_bad_fraction: float = 0.01) -> ArrayRecordImageSource:
-  """Opens a split of a prepared built-in set directory (as `ensure_builtin` returns)."""
+def open_record_directory(directory: str, split: str, *,
+                          max_bad_fraction: float = 0.01) -> ArrayRecordImageSource:
+  """Opens a split of a directory of `encode_record` shards with a metadata.json: the built-in
+  set (as `ensure_builtin` returns) or a set written by `alexnet_jax.prepare`."""
   meta_path = os.path.join(directory, "metadata.json")
   try:
     with open(meta_path) as f:
       meta = json.load(f)
   except FileNotFoundError:
     raise DatasetNotFoundError(
-        f"{BUILTIN_NAME}: no metadata.json in {directory}; it is created by "
-        f"alexnet_jax.data.builtin.ensure_builtin (open_source does this on first use)"
-    ) from None
+        f"no metadata.json in {directory}: not a finished set; the built-in set is created on "
+        f"first use, a folder of images by `python -m alexnet_jax.prepare`") from None
   splits = meta["splits"]
   resolved = _resolve_split(split, list(splits))
   if resolved is None:
     raise DatasetNotFoundError(
-        f"{BUILTIN_NAME}: no split {split!r} in {directory} (it has {sorted(splits)})")
+        f"{meta['name']}: no split {split!r} in {directory} (it has {sorted(splits)})")
   entry = splits[resolved]
   info = DatasetInfo(
       name=meta["name"], split=resolved, num_examples=int(entry["num_examples"]),
@@ -414,7 +483,8 @@ def _tfds_prepare_hint(name: str, data_dir: str) -> str:
           f"(the build step may need TensorFlow installed; reading does not)")
 
 
-def _open_tfds(name: str, split: str, data_dir: str, max_bad_fraction: float) -> ImageSource:
+def _open_tfds(name: str, split: str, data_dir: str, max_bad_fraction: float,
+               min_side: int | None = None) -> ImageSource:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   hint = _tfds_prepare_hint(name, data_dir)
   try:
@@ -422,7 +492,9 @@ def _open_tfds(name: str, split: str, data_dir: str, max_bad_fraction: float) ->
   except tfds.core.registered.DatasetNotFoundError:
     raise DatasetNotFoundError(
         f"data set {name!r} is neither '{BUILTIN_NAME}', a registered TFDS name, nor "
-        f"prepared under {data_dir}; to prepare a TFDS set: {hint}") from None
+        f"prepared under {data_dir}; to prepare a folder of images (one subfolder per class): "
+        f"`python -m alexnet_jax.prepare --source=DIR --name={name} --data_dir={data_dir}`; "
+        f"to prepare a TFDS set: {hint}") from None
   if not builder.is_prepared():
     raise DatasetNotFoundError(
         f"TFDS data set {name!r} is not prepared in {builder.data_dir} (looked under "
@@ -458,4 +530,8 @@ def _open_tfds(name: str, split: str, data_dir: str, max_bad_fraction: float) ->
       name=name, split=resolved, num_examples=num_examples, num_classes=num_classes,
       class_names=tuple(names), image_size=image_size, location=os.fspath(builder.data_dir))
   return TfdsImageSource(os.fspath(builder.data_dir), resolved, image_key, label_key,
-                         src_info, max_bad_fraction=max_bad_fraction)
+                         src_info, max_bad_fraction=max_bad_fraction, min_side=min_side)
+
+
+# Before `prepare` existed the reader had this name.
+open_builtin_directory = open_record_directory

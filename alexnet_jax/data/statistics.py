@@ -1,0 +1,155 @@
+"""The training set's mean image and RGB principal components, in one streaming pass.
+
+The paper subtracts the mean image (per pixel, over the training set) and shifts colours along the
+principal components of the RGB values of all training pixels. Both come from running sums kept
+in float64, so any number of images, visited in any order or in pieces (shards, processes), gives
+the same result as one big NumPy computation:
+
+  sum_image (S, S, 3)   Σ images                    → mean image
+  sum_rgb   (3,)        Σ pixels                    → RGB mean
+  sum_outer (3, 3)      Σ pixel pixelᵀ              → RGB covariance = E[x xᵀ] − μ μᵀ
+
+Sums are of pixels minus 128 (exact in float64, and it keeps E[x xᵀ] − μ μᵀ free of cancellation).
+Stored beside the data set as ``statistics.npz`` (see `path_for`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FILENAME = 'statistics.npz'
+_SHIFT = 128.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Statistics:
+  mean_image: np.ndarray   # float32 (S, S, 3), 0-255 units
+  rgb_mean: np.ndarray     # float64 (3,)
+  rgb_cov: np.ndarray      # float64 (3, 3), over all pixels of all images
+  eigvals: np.ndarray      # float64 (3,), descending, variances (0-255 units squared)
+  eigvecs: np.ndarray      # float64 (3, 3), eigenvectors as columns, matching eigvals
+  num_images: int
+
+  @property
+  def size(self) -> int:
+    return int(self.mean_image.shape[0])
+
+
+class Accumulator:
+  """Running sums over uint8 (S, S, 3) images; `merge` combines partial results."""
+
+  def __init__(self, size: int):
+    self.size = int(size)
+    self.count = 0
+    self.sum_image = np.zeros((self.size, self.size, 3), np.float64)
+    self.sum_rgb = np.zeros(3, np.float64)
+    self.sum_outer = np.zeros((3, 3), np.float64)
+
+  def add(self, image: np.ndarray) -> None:
+    if image.shape != (self.size, self.size, 3):
+      raise ValueError(f'statistics need ({self.size}, {self.size}, 3) images, got {image.shape}')
+    x = image.astype(np.float64) - _SHIFT
+    self.sum_image += x
+    pixels = x.reshape(-1, 3)
+    self.sum_rgb += pixels.sum(axis=0)
+    self.sum_outer += pixels.T @ pixels
+    self.count += 1
+
+  def merge(self, other: 'Accumulator') -> None:
+    if other.size != self.size:
+      raise ValueError(f'cannot merge statistics of {other.size}px images into {self.size}px')
+    self.count += other.count
+    self.sum_image += other.sum_image
+    self.sum_rgb += other.sum_rgb
+    self.sum_outer += other.sum_outer
+
+  def state(self) -> dict[str, np.ndarray]:
+    return dict(count=np.int64(self.count), sum_image=self.sum_image, sum_rgb=self.sum_rgb,
+                sum_outer=self.sum_outer)
+
+  @classmethod
+  def from_state(cls, state) -> 'Accumulator':
+    acc = cls(state['sum_image'].shape[0])
+    acc.count = int(state['count'])
+    acc.sum_image = np.array(state['sum_image'], np.float64)
+    acc.sum_rgb = np.array(state['sum_rgb'], np.float64)
+    acc.sum_outer = np.array(state['sum_outer'], np.float64)
+    return acc
+
+  def finalize(self) -> Statistics:
+    if self.count == 0:
+      raise ValueError('no images: statistics need at least one training image')
+    pixels = self.count * self.size * self.size
+    centred_mean = self.sum_rgb / pixels
+    cov = self.sum_outer / pixels - np.outer(centred_mean, centred_mean)
+    cov = (cov + cov.T) / 2
+    eigvals, eigvecs = np.linalg.eigh(cov)
+    order = np.argsort(eigvals)[::-1]
+    eigvals, eigvecs = eigvals[order], eigvecs[:, order]
+    # A sign convention, so that the same data always gives the same vectors.
+    eigvecs = eigvecs * np.where(eigvecs.sum(axis=0) < 0, -1.0, 1.0)
+    return Statistics(
+        mean_image=(self.sum_image / self.count + _SHIFT).astype(np.float32),
+        rgb_mean=centred_mean + _SHIFT, rgb_cov=cov, eigvals=eigvals, eigvecs=eigvecs,
+        num_images=self.count)
+
+
+def save(stats: Statistics, path: str) -> None:
+  """Writes atomically (a reader never sees half a file)."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    np.savez(f, **dataclasses.asdict(stats))
+  os.replace(tmp, path)
+
+
+def load(path: str) -> Statistics:
+  with np.load(path) as z:
+    return Statistics(mean_image=z['mean_image'], rgb_mean=z['rgb_mean'], rgb_cov=z['rgb_cov'],
+                      eigvals=z['eigvals'], eigvecs=z['eigvecs'], num_images=int(z['num_images']))
+
+
+def path_for(source) -> str:
+  """Where a source's statistics live: ``statistics.npz`` in its directory (prepared and built-in
+  sets), or ``alexnet_jax_statistics.npz`` in a TFDS set's directory."""
+  location = source.info.location
+  if os.path.isfile(os.path.join(location, 'metadata.json')):
+    return os.path.join(location, FILENAME)
+  return os.path.join(location, 'alexnet_jax_' + FILENAME)
+
+
+def compute(source, size: int, *, progress: bool = True) -> Statistics:
+  """One pass over a source (``{'image': uint8 (H, W, 3)}`` items), each image rescaled to the
+  central size x size square as the pipeline does."""
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import augment  # pylint: disable=g-import-not-at-top
+  acc = Accumulator(size)
+  for i in tqdm(range(len(source)), desc='mean image and RGB PCA', unit='img',
+                disable=not progress):
+    acc.add(augment.rescale_center_square(source[i]['image'], size))
+  return acc.finalize()
+
+
+def ensure(source, size: int, *, progress: bool = True) -> Statistics:
+  """The source's statistics at ``size``, computed and stored on first use."""
+  path = path_for(source)
+  if os.path.isfile(path):
+    stats = load(path)
+    if stats.size == size:
+      return stats
+    log.warning('%s holds statistics of %dpx images, %dpx are needed: recomputing', path,
+                stats.size, size)
+  log.info('computing the mean image and RGB PCA of %s (one pass, stored in %s)',
+           source.info.location, path)
+  stats = compute(source, size, progress=progress)
+  try:
+    save(stats, path)
+  except OSError as e:
+    log.warning('cannot store the statistics in %s (%s); they will be recomputed next time',
+                path, e)
+  return stats

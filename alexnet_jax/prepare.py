@@ -1,0 +1,342 @@
+"""Prepares a folder of labelled images once, the paper's way, for training.
+
+  python -m alexnet_jax.prepare --source=DIR --name=NAME [--val_fraction=F | --val_dir=DIR] \\
+      [--data_dir=D]
+
+``DIR`` holds one subfolder per class (JPEG, PNG, ... of any size; the ImageNet train tarball
+unpacked is one). Every image is rescaled so its shorter side is 256 and its central 256 x 256
+square is kept (the paper's preprocessing, done once, so training decodes small JPEGs and the
+originals are not needed afterwards), and stored as JPEG in ArrayRecord shards under
+``D/NAME/`` with the class names; then the training split's mean image and RGB principal
+components are stored beside them (`data.statistics`). Train with
+``--config.dataset.name=NAME --config.dataset.data_dir=D``.
+
+Robust and resumable:
+- files that are not images, are truncated or corrupt, or are larger than ``--max_pixels``
+  (decompression bombs) are skipped, counted, and listed in ``D/NAME/prepare_report.json``;
+- each shard is written to a temporary file, renamed into place and then marked done; an
+  interrupted run started again with the same arguments redoes only the unfinished shards;
+- ``metadata.json`` is written last: until then the set cannot be opened by mistake.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import sys
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from alexnet_jax.data import augment, sources, statistics
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+REPORT = 'prepare_report.json'
+PLAN = 'prepare_plan.json'
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (about 0.25 GB of RGB pixels)
+
+
+class PrepareError(ValueError):
+  """Bad arguments or a source folder that cannot be prepared."""
+
+
+# ---------------------------------------------------------------------------
+# One file (runs in worker processes)
+# ---------------------------------------------------------------------------
+
+
+def process_file(task: tuple[str, int, int, int, int]):
+  """(path, label, size, jpeg_quality, max_pixels) → ('ok', record, stored pixels) or
+  ('bad', reason). Never raises for a bad file."""
+  path, label, size, quality, max_pixels = task
+  previous_limit = Image.MAX_IMAGE_PIXELS
+  try:
+    with warnings.catch_warnings():
+      # Between max_pixels and 2 x max_pixels PIL only warns; refuse those too.
+      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      Image.MAX_IMAGE_PIXELS = max_pixels
+      with Image.open(path) as img:
+        square = augment.square_of(sources.load_rgb(img, min_side=size), size)
+    record = sources.encode_record(np.asarray(square, np.uint8), label, 'jpeg',
+                                   jpeg_quality=quality)
+    # The statistics are of what training will decode, not of the pixels before JPEG.
+    pixels, _ = sources.decode_record(record)
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    return 'bad', f'refused, too many pixels (limit {max_pixels:,}): {e}'
+  except Exception as e:  # pylint: disable=broad-except  (PIL raises a zoo of types)
+    return 'bad', f'{type(e).__name__}: {e}'
+  finally:
+    Image.MAX_IMAGE_PIXELS = previous_limit
+  return 'ok', record, pixels
+
+
+# ---------------------------------------------------------------------------
+# The plan: which file goes to which split and shard (deterministic, so a resumed run agrees)
+# ---------------------------------------------------------------------------
+
+
+def _split_files(files, num_classes: int, val_fraction: float, seed: int):
+  """Per class, a random ``val_fraction`` of the files (rounded) goes to validation."""
+  rng = np.random.default_rng(seed)
+  train, val = [], []
+  for label in range(num_classes):
+    mine = [f for f in files if f[1] == label]
+    take = int(round(val_fraction * len(mine)))
+    chosen = set(rng.permutation(len(mine))[:take].tolist())
+    for i, f in enumerate(mine):
+      (val if i in chosen else train).append(f)
+  return train, val
+
+
+def _shards(split: str, files: list, examples_per_shard: int) -> list[dict]:
+  n = max(1, math.ceil(len(files) / examples_per_shard))
+  per = math.ceil(len(files) / n)
+  return [dict(name=f'{split}.array_record-{k:05d}-of-{n:05d}', files=files[k * per:(k + 1) * per])
+          for k in range(n)]
+
+
+def make_plan(source: str, *, name: str, val_fraction: float | None, val_dir: str | None,
+              image_size: int, jpeg_quality: int, examples_per_shard: int, seed: int,
+              max_pixels: int) -> dict:
+  if val_fraction is not None and val_dir is not None:
+    raise PrepareError('give either --val_fraction or --val_dir, not both')
+  source = os.path.abspath(source)
+  class_names, files = sources.list_class_folder(source)
+  files = [(os.path.join(source, p), label) for p, label in files]
+  if val_dir is not None:
+    val_dir = os.path.abspath(val_dir)
+    val_classes, val_files = sources.list_class_folder(val_dir)
+    unknown = sorted(set(val_classes) - set(class_names))
+    if unknown:
+      raise PrepareError(f'--val_dir {val_dir} has classes that --source lacks: '
+                         f'{", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""}')
+    index = {c: i for i, c in enumerate(class_names)}
+    train = files
+    val = [(os.path.join(val_dir, p), index[val_classes[label]]) for p, label in val_files]
+  else:
+    val_fraction = 0.1 if val_fraction is None else float(val_fraction)
+    if not 0.0 <= val_fraction < 1.0:
+      raise PrepareError(f'--val_fraction must be in [0, 1), got {val_fraction}')
+    train, val = _split_files(files, len(class_names), val_fraction, seed)
+  if not train:
+    raise PrepareError(f'no training files left in {source}')
+  splits = {'train': _shards('train', train, examples_per_shard)}
+  if val:
+    splits['validation'] = _shards('validation', val, examples_per_shard)
+  return dict(format_version=FORMAT_VERSION, name=name, source=source, val_dir=val_dir,
+              val_fraction=val_fraction, seed=seed, image_size=image_size,
+              jpeg_quality=jpeg_quality, max_pixels=max_pixels, class_names=class_names,
+              splits=splits)
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _done_path(directory: str, shard: str) -> str:
+  return os.path.join(directory, f'.{shard}.done.json')
+
+
+def _stats_path(directory: str, shard: str) -> str:
+  return os.path.join(directory, f'.{shard}.stats.npz')
+
+
+def _write_shard(directory: str, split: str, shard: dict, plan: dict, results, bar) -> dict:
+  """Writes one shard from an iterator of `process_file` results; returns its completion record."""
+  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+  final = os.path.join(directory, shard['name'])
+  tmp = final + '.tmp'
+  acc = statistics.Accumulator(plan['image_size']) if split == 'train' else None
+  bad, count = [], 0
+  writer = ArrayRecordWriter(tmp, 'group_size:1')
+  try:
+    for (path, _), result in zip(shard['files'], results):
+      if result[0] == 'ok':
+        writer.write(result[1])
+        count += 1
+        if acc is not None:
+          acc.add(result[2])
+      else:
+        bad.append(dict(file=path, reason=result[1]))
+        bar.set_postfix(skipped=bar.skipped + len(bad), refresh=False)
+      bar.update(1)
+  finally:
+    writer.close()
+  os.replace(tmp, final)
+  if acc is not None:
+    np.savez(_stats_path(directory, shard['name']), **acc.state())
+  done = dict(num_examples=count, bad=bad)
+  _write_json(_done_path(directory, shard['name']), done)  # last: marks the shard finished
+  return done
+
+
+def prepare(source: str, name: str, *, data_dir: str | None = None,
+            val_fraction: float | None = None, val_dir: str | None = None,
+            image_size: int = 256, jpeg_quality: int = 90, examples_per_shard: int = 1024,
+            workers: int | None = None, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+            progress: bool = True) -> str:
+  """Prepares ``source`` as ``{data_dir}/{name}``; returns that directory (see the module doc)."""
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  if not name or os.sep in name or name.startswith('.') or name == sources.BUILTIN_NAME:
+    raise PrepareError(f'--name={name!r}: give a plain folder name (not {sources.BUILTIN_NAME!r})')
+  data_dir = os.path.expanduser(data_dir or sources.default_data_dir())
+  directory = os.path.join(data_dir, name)
+  if os.path.isfile(os.path.join(directory, 'metadata.json')):
+    log.info('%s is already prepared', directory)
+    return directory
+  plan = make_plan(source, name=name, val_fraction=val_fraction, val_dir=val_dir,
+                   image_size=image_size, jpeg_quality=jpeg_quality,
+                   examples_per_shard=examples_per_shard, seed=seed, max_pixels=max_pixels)
+  os.makedirs(directory, exist_ok=True)
+  plan_path = os.path.join(directory, PLAN)
+  if os.path.isfile(plan_path):
+    with open(plan_path) as f:
+      if json.load(f) != json.loads(json.dumps(plan)):
+        raise PrepareError(
+            f'{directory} holds an unfinished preparation of other files or options; run the '
+            f'same command as before to resume it, or delete {directory} to start over')
+    log.info('resuming the preparation in %s', directory)
+  elif os.listdir(directory):
+    raise PrepareError(f'{directory} exists and is not a preparation in progress; choose another '
+                       f'--name or --data_dir, or delete it')
+  else:
+    _write_json(plan_path, plan)
+
+  todo = [(split, shard) for split, shards in plan['splits'].items() for shard in shards
+          if not (os.path.isfile(_done_path(directory, shard['name']))
+                  and os.path.isfile(os.path.join(directory, shard['name'])))]
+  total = sum(len(s['files']) for shards in plan['splits'].values() for s in shards)
+  remaining = sum(len(shard['files']) for _, shard in todo)
+  if workers is None:
+    workers = os.cpu_count() or 1
+  tasks = ((path, label, image_size, jpeg_quality, max_pixels)
+           for _, shard in todo for path, label in shard['files'])
+  pool = None
+  if workers > 1 and remaining > 64:
+    # spawn, not fork: the caller may run JAX (threads), which forking would break.
+    pool = multiprocessing.get_context('spawn').Pool(workers)
+    results = pool.imap(process_file, tasks, chunksize=16)
+  else:
+    results = map(process_file, tasks)
+  bar = tqdm(total=total, initial=total - remaining, desc=f'preparing {name}', unit='img',
+             disable=not progress)
+  bar.skipped = 0
+  try:
+    for split, shard in todo:
+      done = _write_shard(directory, split, shard, plan, results, bar)
+      bar.skipped += len(done['bad'])
+  finally:
+    bar.close()
+    if pool is not None:
+      pool.terminate()
+      pool.join()
+  return _finish(directory, plan)
+
+
+def _finish(directory: str, plan: dict) -> str:
+  splits, bad, acc = {}, {}, None
+  for split, shards in plan['splits'].items():
+    count = 0
+    for shard in shards:
+      with open(_done_path(directory, shard['name'])) as f:
+        done = json.load(f)
+      count += done['num_examples']
+      bad.setdefault(split, []).extend(done['bad'])
+      if split == 'train':
+        with np.load(_stats_path(directory, shard['name'])) as z:
+          part = statistics.Accumulator.from_state(z)
+        if acc is None:
+          acc = part
+        else:
+          acc.merge(part)
+    if count == 0:
+      raise PrepareError(f'none of the {split} files of {plan["source"]} could be read; see '
+                         f'{os.path.join(directory, REPORT)}')
+    splits[split] = dict(num_examples=count, shards=[s['name'] for s in shards])
+  num_bad = sum(len(v) for v in bad.values())
+  _write_json(os.path.join(directory, REPORT), dict(
+      source=plan['source'], val_dir=plan['val_dir'],
+      num_examples={k: v['num_examples'] for k, v in splits.items()},
+      num_skipped=num_bad, skipped={k: v for k, v in bad.items() if v}))
+  statistics.save(acc.finalize(), os.path.join(directory, statistics.FILENAME))
+  meta = dict(name=plan['name'], format_version=FORMAT_VERSION,
+              num_classes=len(plan['class_names']), class_names=plan['class_names'],
+              image_size=plan['image_size'], codec='jpeg', jpeg_quality=plan['jpeg_quality'],
+              source=plan['source'], record_format='sources.encode_record', splits=splits)
+  _write_json(os.path.join(directory, 'metadata.json'), meta)  # last: the set is complete
+  for shards in plan['splits'].values():  # the resumption bookkeeping is no longer needed
+    for shard in shards:
+      for path in (_done_path(directory, shard['name']), _stats_path(directory, shard['name'])):
+        if os.path.exists(path):
+          os.remove(path)
+  os.remove(os.path.join(directory, PLAN))
+  return directory
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def main(argv):
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  f = flags.FLAGS
+  if not f.source or not f.name:
+    raise app.UsageError('--source and --name are required')
+  try:
+    directory = prepare(f.source, f.name, data_dir=f.data_dir, val_fraction=f.val_fraction,
+                        val_dir=f.val_dir, image_size=f.image_size, jpeg_quality=f.jpeg_quality,
+                        examples_per_shard=f.examples_per_shard, workers=f.workers, seed=f.seed,
+                        max_pixels=f.max_pixels)
+  except (PrepareError, sources.DatasetNotFoundError, OSError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  with open(os.path.join(directory, REPORT)) as fh:
+    report = json.load(fh)
+  counts = ', '.join(f'{k} {v:,}' for k, v in report['num_examples'].items())
+  print(f'prepared {directory}: {counts} images; {report["num_skipped"]} files skipped '
+        f'(listed in {os.path.join(directory, REPORT)})')
+  print(f'train with --config.dataset.name={f.name} '
+        f'--config.dataset.data_dir={os.path.dirname(directory)}')
+
+
+def _define_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('source', None, 'Folder with one subfolder of images per class.')
+  flags.DEFINE_string('name', None, 'Name of the prepared set (as in --config.dataset.name).')
+  flags.DEFINE_string('data_dir', None, 'Where prepared sets live (default: TFDS\'s data dir).')
+  flags.DEFINE_float('val_fraction', None, 'Fraction of each class held out for validation '
+                     '(default 0.1 when no --val_dir).')
+  flags.DEFINE_string('val_dir', None, 'A separate folder of class subfolders for validation.')
+  flags.DEFINE_integer('image_size', 256, 'Side of the stored square images.')
+  flags.DEFINE_integer('jpeg_quality', 90, 'JPEG quality of the stored images.')
+  flags.DEFINE_integer('examples_per_shard', 1024, 'Images per ArrayRecord shard.')
+  flags.DEFINE_integer('workers', None, 'Decoding processes (default: all cores).')
+  flags.DEFINE_integer('seed', 0, 'Seed of the validation split.')
+  flags.DEFINE_integer('max_pixels', DEFAULT_MAX_PIXELS,
+                       'Refuse images with more pixels (decompression bombs).')
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  logging.basicConfig(level=logging.INFO)
+  _define_flags()
+  app.run(main)
