@@ -31,8 +31,17 @@ def base_config() -> ml_collections.ConfigDict:
       # Only for the built-in set: how many images to generate, and their size.
       num_train=10000, num_val=2000, image_size=112, seed=0, max_bad_fraction=0.01))
 
+  # The paper's input recipe (data.augment, steps.normalize): shorter side to 256 and the central
+  # square (once at prepare time; at read time for TFDS sets), subtract the training set's mean
+  # image (mean_image=False: mean_rgb instead), random crops (random_crop=False: central ones) and
+  # their reflections, PCA colour shifts with alpha ~ N(0, pca_lighting_std) (0: off), and
+  # evaluation on the 10 views ('ten') or the centre crop ('center'). Pixels are then divided by
+  # std_rgb (use (1, 1, 1) for the paper's raw pixel scale). Batches travel as uint8 and are
+  # normalised on the device; prefetch_batches wait there ahead of the step.
   c.input = ml_collections.ConfigDict(dict(
-      mean_rgb=IMAGENET_MEAN_RGB, std_rgb=IMAGENET_STD_RGB, workers=4, prefetch_batches=2))
+      mean_rgb=IMAGENET_MEAN_RGB, std_rgb=IMAGENET_STD_RGB, workers=4, prefetch_batches=2,
+      resize_to=ml_collections.FieldReference(256, field_type=int), mean_image=True,
+      random_crop=True, flip=True, pca_lighting_std=0.1, eval_views='ten'))
 
   c.batch_size = 128          # global, over all devices and hosts
   c.eval_batch_size = 256

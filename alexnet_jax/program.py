@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -53,7 +54,33 @@ def _opt_state_specs(tx, abstract_params, param_specs):
                                transform_non_params=lambda _: P(), is_leaf=is_spec)
 
 
-def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | None = None) -> Program:
+def input_constants(config, stats=None) -> dict:
+  """The device-side constants of the paper's input recipe that ``config.input`` switches on: the
+  mean image and the PCA basis (eigenvectors scaled by the square roots of the eigenvalues).
+
+  ``stats``: the training set's ``data.statistics.Statistics``. Without them (the tools, which
+  measure or inspect the step rather than train) neutral ones of the same shapes stand in.
+  """
+  inp = config.input
+  use_mean, pca_std = bool(inp.get('mean_image', False)), float(inp.get('pca_lighting_std', 0.0))
+  if not use_mean and pca_std <= 0:
+    return {}
+  if stats is None:
+    from alexnet_jax.data import statistics  # pylint: disable=g-import-not-at-top
+    side = max(config.model.image_size, inp.get('resize_to') or 0)
+    stats = statistics.neutral(side, inp.mean_rgb, inp.std_rgb)
+  out = {}
+  if use_mean:
+    out['mean_image'] = np.asarray(stats.mean_image, np.float32)
+  if pca_std > 0:
+    out['pca_basis'] = np.asarray(stats.eigvecs * np.sqrt(np.maximum(stats.eigvals, 0)), np.float32)
+  return out
+
+
+def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | None = None,
+                  input_stats=None) -> Program:
+  """``input_stats``: the training set's statistics, needed when ``config.input`` switches on the
+  mean image or PCA lighting (see ``input_constants``)."""
   if mesh is None:
     mesh = sharding.make_mesh(config.mesh, towers=config.model.get('towers', 1))
   sharding.check_batch(config.batch_size, mesh)
@@ -80,13 +107,14 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
                                 jax.eval_shape(init_fn), state_shardings)
   ctx = sharding.MeshContext()
   norm = dict(mean_rgb=tuple(config.input.mean_rgb), std_rgb=tuple(config.input.std_rgb),
-              compute_dtype=dtype)
-  batch_specs = {'image': P(sharding.DATA), 'label': P(sharding.DATA)}
+              compute_dtype=dtype, **input_constants(config, input_stats))
+  # Every array of a batch (image, label, and the pipeline's crop / alpha / mask) is split over
+  # the data axis along its first dimension: one spec, a prefix of whatever keys the batch has.
+  batch_specs = P(sharding.DATA)
   train = sharding.shard_step(steps.make_train_step(graphdef, tx, ctx, **norm), mesh,
                               in_specs=(state_specs, batch_specs), out_specs=(state_specs, P()))
   evaluate = sharding.shard_step(steps.make_eval_step(graphdef, ctx, **norm), mesh,
-                                 in_specs=(param_specs, {**batch_specs, 'mask': P(sharding.DATA)}),
-                                 out_specs=P())
+                                 in_specs=(param_specs, batch_specs), out_specs=P())
   return Program(
       config=config, mesh=mesh, graphdef=graphdef, tx=tx, state_specs=state_specs,
       state_shardings=state_shardings, abstract_state=abstract_state,

@@ -25,11 +25,41 @@ class TrainState:
   rng: jax.Array           # raw uint32 key; dropout keys are folded from it and the step
 
 
-def normalize(images: jax.Array, mean_rgb, std_rgb, dtype) -> jax.Array:
-  """uint8 NHWC → ``dtype``, normalised on the device (the host ships uint8: 4× less traffic)."""
-  mean = jnp.asarray(mean_rgb, jnp.float32)
+def normalize(images: jax.Array, mean_rgb, std_rgb, dtype, *, mean_image=None, crop=None,
+              alpha=None, pca_basis=None) -> jax.Array:
+  """uint8 NHWC → ``dtype``, normalised on the device (the host ships uint8: 4× less traffic).
+
+  ``(image + PCA shift − mean) / std_rgb`` where the mean is ``mean_rgb``, or with ``mean_image``
+  (S, S, 3) the window of it each crop came from: ``crop`` (N, 3) = (top, left, flipped) as the
+  host pipeline reports it (``data.augment``); without ``crop`` the central window. The PCA
+  shift is ``pca_basis @ alpha`` per image (``pca_basis``: eigenvectors as columns scaled by the
+  square roots of the eigenvalues; ``alpha`` (N, 3)), added to every pixel.
+  """
+  x = images.astype(jnp.float32)
+  if pca_basis is not None and alpha is not None:
+    shift = alpha.astype(jnp.float32) @ jnp.asarray(pca_basis, jnp.float32).T  # (N, 3)
+    x = x + shift[:, None, None, :]
+  if mean_image is None:
+    x = x - jnp.asarray(mean_rgb, jnp.float32)
+  else:
+    x = x - mean_windows(jnp.asarray(mean_image, jnp.float32), crop, images.shape[0],
+                         images.shape[1])
   inv_std = 1.0 / jnp.asarray(std_rgb, jnp.float32)
-  return ((images.astype(jnp.float32) - mean) * inv_std).astype(dtype)
+  return (x * inv_std).astype(dtype)
+
+
+def mean_windows(mean_image: jax.Array, crop, n: int, size: int) -> jax.Array:
+  """The (n, size, size, 3) windows of the mean image matching each crop (reflected alike)."""
+  if crop is None:
+    top = (mean_image.shape[0] - size) // 2
+    left = (mean_image.shape[1] - size) // 2
+    return jnp.broadcast_to(mean_image[top:top + size, left:left + size], (n, size, size, 3))
+
+  def one(c):
+    window = jax.lax.dynamic_slice(mean_image, (c[0], c[1], 0), (size, size, 3))
+    return jnp.where(c[2] > 0, window[:, ::-1], window)
+
+  return jax.vmap(one)(crop.astype(jnp.int32))
 
 
 def tower_split_cross_entropy(logits: jax.Array, labels: jax.Array, ctx: MeshContext):
@@ -53,12 +83,48 @@ def tower_split_cross_entropy(logits: jax.Array, labels: jax.Array, ctx: MeshCon
   return log_z - label_logit, rank
 
 
+def tower_split_view_average(logits: jax.Array, labels: jax.Array, ctx: MeshContext, views: int):
+  """Cross-entropy and rank of the softmax averaged over ``views`` views of every example.
+
+  ``logits``: ``(local_towers, batch * views, classes_per_tower)``, views of an example adjacent.
+  Each view's log-normaliser is assembled over the towers as in ``tower_split_cross_entropy``;
+  the probabilities are averaged per tower slice (no more communication), then the label's
+  averaged probability and the number of classes above it are summed over the towers.
+  """
+  local_towers, n, per_tower = logits.shape
+  logits = logits.astype(jnp.float32)
+  with jax.named_scope('loss'):
+    shift = ctx.tower_max(jnp.max(logits, axis=(0, 2)))
+    sum_exp = ctx.tower_sum(jnp.sum(jnp.exp(logits - shift[None, :, None]), axis=(0, 2)))
+    log_z = jnp.log(sum_exp) + shift
+    probs = jnp.exp(logits - log_z[None, :, None])
+    probs = probs.reshape(local_towers, n // views, views, per_tower).mean(axis=2)
+    tower_ids = ctx.first_tower(local_towers) + jnp.arange(local_towers)
+    class_ids = tower_ids[:, None] * per_tower + jnp.arange(per_tower)[None, :]
+    is_label = class_ids[:, None, :] == labels[None, :, None]
+    label_prob = ctx.tower_sum(jnp.sum(jnp.where(is_label, probs, 0.0), axis=(0, 2)))
+    rank = ctx.tower_sum(jnp.sum(probs > label_prob[None, :, None], axis=(0, 2), dtype=jnp.int32))
+  return -jnp.log(jnp.maximum(label_prob, jnp.finfo(jnp.float32).tiny)), rank
+
+
+def _normalize_batch(batch, norm: dict, dtype, *, train: bool) -> jax.Array:
+  images = batch['image']
+  return normalize(images, norm['mean_rgb'], norm['std_rgb'], dtype,
+                   mean_image=norm.get('mean_image'), crop=batch.get('crop'),
+                   alpha=batch.get('alpha') if train else None, pca_basis=norm.get('pca_basis'))
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ctx: MeshContext, *,
-                    mean_rgb, std_rgb, compute_dtype=jnp.float32) -> Callable:
-  """``(state, batch) → (state, metrics)`` for one device's share of the batch."""
+                    mean_rgb, std_rgb, compute_dtype=jnp.float32, mean_image=None,
+                    pca_basis=None) -> Callable:
+  """``(state, batch) → (state, metrics)`` for one device's share of the batch.
+
+  ``mean_image`` / ``pca_basis`` switch on the paper's mean-image subtraction and PCA colour
+  shift (see ``normalize``); the batch then carries ``crop`` / ``alpha``."""
+  norm = dict(mean_rgb=mean_rgb, std_rgb=std_rgb, mean_image=mean_image, pca_basis=pca_basis)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    images = normalize(batch['image'], mean_rgb, std_rgb, compute_dtype)
+    images = _normalize_batch(batch, norm, compute_dtype, train=True)
     labels = batch['label']
     global_batch = labels.shape[0] * jax.lax.axis_size(ctx.data_axis)
     dropout_key = ctx.device_key(jax.random.fold_in(state.rng, state.step))
@@ -88,16 +154,27 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ct
 
 
 def make_eval_step(graphdef: nnx.GraphDef, ctx: MeshContext, *, mean_rgb, std_rgb,
-                   compute_dtype=jnp.float32) -> Callable:
+                   compute_dtype=jnp.float32, mean_image=None, pca_basis=None) -> Callable:
   """``(params, batch) → sums`` of loss, top-1 / top-5 mistakes and examples over the global batch;
-  ``batch['mask']`` marks the padding of a last, partial batch."""
+  ``batch['mask']`` marks the padding of a last, partial batch. Images ``(batch, views, H, W, 3)``
+  (the paper's 10 views) are classified by their softmax averaged over the views."""
+  del pca_basis  # colour shifts are a training augmentation
+  norm = dict(mean_rgb=mean_rgb, std_rgb=std_rgb, mean_image=mean_image)
 
   def eval_step(params, batch: dict[str, jax.Array]):
-    images = normalize(batch['image'], mean_rgb, std_rgb, compute_dtype)
+    views = batch['image'].shape[1] if batch['image'].ndim == 5 else 1
+    if views > 1:  # fold the views into the batch: views of one example stay adjacent
+      batch = dict(batch, image=batch['image'].reshape(-1, *batch['image'].shape[2:]))
+      if 'crop' in batch:
+        batch['crop'] = batch['crop'].reshape(-1, 3)
+    images = _normalize_batch(batch, norm, compute_dtype, train=False)
     mask = batch['mask'].astype(jnp.float32)
     model = nnx.merge(graphdef, params)
     logits = model(images, train=False, exchange=ctx, gather_logits=False)
-    ce, rank = tower_split_cross_entropy(logits, batch['label'], ctx)
+    if views > 1:
+      ce, rank = tower_split_view_average(logits, batch['label'], ctx, views)
+    else:
+      ce, rank = tower_split_cross_entropy(logits, batch['label'], ctx)
     with jax.named_scope('metrics'):
       return ctx.data_sum(dict(
           loss=jnp.sum(ce * mask), top1_errors=jnp.sum((rank >= 1) * mask),

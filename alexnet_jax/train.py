@@ -11,11 +11,11 @@ import numpy as np
 from absl import logging
 
 from alexnet_jax import checkpointing, metrics as metrics_lib, optim, program as program_lib, sharding
-from alexnet_jax.data import pipeline, sources
+from alexnet_jax.data import pipeline, sources, statistics
 
 
 def evaluate(prog: program_lib.Program, params, eval_ds) -> dict[str, float]:
-  """Loss and top-1 / top-5 error over one pass of ``eval_ds`` (centre crops, padded batches)."""
+  """Loss and top-1 / top-5 error over one pass of ``eval_ds`` (its views, padded batches)."""
   totals = None
   for batch in eval_ds:
     out = prog.eval_step(params, sharding.put_batch(batch, prog.mesh))
@@ -24,6 +24,23 @@ def evaluate(prog: program_lib.Program, params, eval_ds) -> dict[str, float]:
   n = max(float(totals['count']), 1.0)
   return dict(loss=float(totals['loss']) / n, top1_error=float(totals['top1_errors']) / n,
               top5_error=float(totals['top5_errors']) / n, examples=n)
+
+
+def input_statistics(config, train_source):
+  """The training set's mean image and RGB PCA when ``config.input`` asks for them (computed in one
+  pass and stored beside the data set on first use), else None."""
+  inp = config.input
+  if not inp.get('mean_image', False) and inp.get('pca_lighting_std', 0.0) <= 0:
+    return None
+  side = inp.get('resize_to') or train_source.info.image_size
+  if side is None:
+    raise ValueError(f'data set {config.dataset.name!r} has images of different sizes, so the mean '
+                     'image needs them rescaled: set --config.input.resize_to=256 (the paper), or '
+                     '--config.input.mean_image=False --config.input.pca_lighting_std=0')
+  if side < config.model.image_size:
+    raise ValueError(f'images are {side}px, smaller than the {config.model.image_size}px crops: set '
+                     f'--config.input.resize_to to at least {config.model.image_size}')
+  return statistics.ensure(train_source, side, progress=jax.process_index() == 0)
 
 
 def _check_data(config, train_source) -> None:
@@ -49,23 +66,31 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   mesh = sharding.make_mesh(config.mesh, towers=towers)
   sharding.check_batch(config.batch_size, mesh)
   sharding.check_batch(config.eval_batch_size, mesh, 'eval_batch_size')
-  train_source = sources.open_source(config.dataset, config.dataset.train_split)
-  eval_source = sources.open_source(config.dataset, config.dataset.eval_split)
+  inp = config.input
+  resize_to = inp.get('resize_to')
+  train_source = sources.open_source(config.dataset, config.dataset.train_split, min_side=resize_to)
+  eval_source = sources.open_source(config.dataset, config.dataset.eval_split, min_side=resize_to)
   _check_data(config, train_source)
+  stats = input_statistics(config, train_source)
   steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
   total_steps = int(config.num_epochs * steps_per_epoch)
-  prog = program_lib.build_program(config, steps_per_epoch=steps_per_epoch, mesh=mesh)
+  prog = program_lib.build_program(config, steps_per_epoch=steps_per_epoch, mesh=mesh,
+                                   input_stats=stats)
   logging.info('mesh %s, %s parameters, %d steps per epoch, %d steps',
                dict(mesh.shape), f'{prog.param_count:,}', steps_per_epoch, total_steps)
 
   eval_ds = pipeline.eval_dataset(  # iterated afresh at every evaluation
       eval_source, global_batch_size=config.eval_batch_size, crop_size=config.model.image_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      workers=config.input.workers)
-  train_iter = iter(pipeline.train_dataset(
+      workers=inp.workers, resize_to=resize_to, views=inp.get('eval_views', 'center'))
+  # Batches arrive on the device, prefetch_batches ahead of the step; checkpoints record the
+  # position of the next batch the step will see.
+  train_iter = pipeline.DevicePrefetch(iter(pipeline.train_dataset(
       train_source, global_batch_size=config.batch_size, crop_size=config.model.image_size,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      workers=config.input.workers))
+      workers=inp.workers, resize_to=resize_to, random_crop=inp.get('random_crop', True),
+      flip=inp.get('flip', True), pca_std=inp.get('pca_lighting_std', 0.0))),
+      put=lambda b: sharding.put_batch(b, mesh), size=inp.get('prefetch_batches', 2))
 
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), config.checkpoint)
@@ -91,9 +116,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   window_start, window_step = time.perf_counter(), step
   run_start, run_start_step = window_start, step
   while step < total_steps:
-    host_batch = next(train_iter)
-    batch = sharding.put_batch({k: host_batch[k] for k in ('image', 'label')}, mesh)
-    state, step_metrics = prog.train_step(state, batch)
+    state, step_metrics = prog.train_step(state, next(train_iter))
     history.append(step_metrics)
     step += 1
     epoch = step / steps_per_epoch

@@ -17,6 +17,9 @@ def tiny_config(**mesh):
   c.mesh.update(data=mesh.get('data', 1), model=mesh.get('model', 2))
   c.batch_size = 16
   c.eval_batch_size = 16
+  # The small built-in images as they are, centre-crop evaluation (the paper's input recipe is
+  # tested in test_augment.py).
+  c.input.update(resize_to=None, mean_image=False, pca_lighting_std=0.0, eval_views='center')
   return c
 
 

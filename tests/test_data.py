@@ -192,7 +192,9 @@ def test_train_batches_shape_dtype(tiny_dir):
   it = iter(ds)
   for _ in range(6):  # more than one epoch (64 / 16 = 4 batches)
     batch = next(it)
-    assert set(batch) == {"image", "label"}
+    assert set(batch) == {"image", "label", "crop", "alpha"}
+    assert batch["crop"].shape == (16, 3) and batch["crop"].dtype == np.int32
+    assert batch["alpha"].shape == (16, 3) and not batch["alpha"].any()  # PCA off by default
     assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
     assert ((batch["label"] >= 0) & (batch["label"] < 10)).all()

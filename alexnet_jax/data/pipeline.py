@@ -3,10 +3,14 @@
 Both take a random-access source whose items are `{'image': uint8 (H, W, 3), 'label':
 int}` (see `sources.open_source`) and yield host-local batches of numpy arrays:
 
-- train: `{'image': uint8 (local_batch, crop, crop, 3), 'label': int32 (local_batch,)}`,
-  no mask (every train example is real). Endless; batches run across epoch borders.
-- eval:  the same plus `'mask': float32 (local_batch,)`, 1.0 for real examples and 0.0
-  for padding (zero images, label 0) that fills the last batch, so shapes stay static.
+- train: `{'image': uint8 (local_batch, crop, crop, 3), 'label': int32 (local_batch,),
+  'crop': int32 (local_batch, 3), 'alpha': float32 (local_batch, 3)}`: each window's (top,
+  left, flipped) and PCA colour coefficients, applied on the device (`augment`, `steps`).
+  No mask (every train example is real). Endless; batches run across epoch borders.
+- eval:  image, label and crop (with views='ten' an extra views axis after the batch axis:
+  image (local_batch, 10, crop, crop, 3)), plus `'mask': float32 (local_batch,)`, 1.0 for
+  real examples and 0.0 for padding (zero images, label 0) that fills the last batch, so
+  shapes stay static.
 
 `local_batch = global_batch_size // process_count`; each process reads the records
 `process_index::process_count`. Images stay uint8: normalisation belongs on the device.
@@ -19,14 +23,18 @@ process index and the example position only, so it does not depend on thread tim
 
 from __future__ import annotations
 
+import collections
+import copy
+import json
 import math
 
 import grain
 import numpy as np
-from PIL import Image
+
+from alexnet_jax.data import augment
 
 __all__ = ["train_dataset", "eval_dataset", "steps_per_epoch", "eval_steps",
-           "TrainAugment", "EvalTransform", "local_batch_size"]
+           "TrainAugment", "EvalTransform", "local_batch_size", "DevicePrefetch"]
 
 
 def local_batch_size(global_batch_size: int, process_count: int = 1) -> int:
@@ -55,77 +63,76 @@ def eval_steps(num_examples: int, global_batch_size: int, process_count: int = 1
 # ---------------------------------------------------------------------------
 
 
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
-
-
-def _prepare(image: np.ndarray, crop_size: int, resize_to: int | None) -> np.ndarray:
-  """Optional paper-style rescale + centre square, then grow images smaller than a crop."""
-  h, w = image.shape[:2]
-  if resize_to is not None and (h, w) != (resize_to, resize_to):
-    # Rescale the shorter side to resize_to, keep the central resize_to^2 square.
-    scale = resize_to / min(h, w)
-    nh, nw = max(resize_to, round(h * scale)), max(resize_to, round(w * scale))
-    image = _resize(image, nh, nw)
-    top, left = (nh - resize_to) // 2, (nw - resize_to) // 2
-    image = image[top:top + resize_to, left:left + resize_to]
-    h, w = resize_to, resize_to
-  if h < crop_size or w < crop_size:
-    scale = crop_size / min(h, w)
-    image = _resize(image, max(crop_size, round(h * scale)), max(crop_size, round(w * scale)))
-  return image
-
-
 class TrainAugment(grain.transforms.RandomMap):
-  """Random crop_size x crop_size window + horizontal flip with p = 0.5, on uint8.
+  """The paper's training augmentation, on uint8: a random crop_size² window, reflected with
+  p = 0.5, and PCA colour coefficients α ~ N(0, pca_std) per image and presentation.
 
-  With `resize_to` set (e.g. 256, the paper's recipe) images are first rescaled so the
-  shorter side is `resize_to` and centre-cropped square; images smaller than the crop
-  are scaled up so the crop fits.
+  With `resize_to` set (the paper's 256) images are first rescaled so the shorter side is
+  `resize_to` and centre-cropped square (a no-op for prepared sets, stored that way); images
+  smaller than the crop are scaled up so the crop fits. Emits, beside image and label, the
+  window (`crop`: top, left, flipped) and `alpha`, which the device uses to subtract the
+  matching window of the mean image and to shift the colours (`steps.normalize`).
   """
 
-  def __init__(self, crop_size: int, resize_to: int | None = None):
+  def __init__(self, crop_size: int, resize_to: int | None = None, *, random_crop: bool = True,
+               flip: bool = True, pca_std: float = 0.0):
     self.crop_size = int(crop_size)
     self.resize_to = resize_to
+    self.random_crop, self.flip, self.pca_std = bool(random_crop), bool(flip), float(pca_std)
 
   def random_map(self, element, rng: np.random.Generator):
     c = self.crop_size
-    image = _prepare(element["image"], c, self.resize_to)
-    h, w = image.shape[:2]
-    top = int(rng.integers(0, h - c + 1))
-    left = int(rng.integers(0, w - c + 1))
-    image = image[top:top + c, left:left + c]
-    if rng.random() < 0.5:
-      image = image[:, ::-1]
-    return {"image": image, "label": np.int32(element["label"])}
+    image = augment.fit_for_crop(element["image"], c, self.resize_to)
+    top, left, flipped = augment.random_window(rng, *image.shape[:2], c,
+                                               random_crop=self.random_crop, flip=self.flip)
+    alpha = (rng.normal(0.0, self.pca_std, 3) if self.pca_std > 0 else np.zeros(3))
+    return {"image": augment.crop_flip(image, top, left, c, flipped),
+            "label": np.int32(element["label"]),
+            "crop": np.array([top, left, flipped], np.int32),
+            "alpha": alpha.astype(np.float32)}
 
 
 class EvalTransform(grain.transforms.Map):
-  """Centre crop (after the same optional resizing as training) and mask = 1."""
+  """Test-time views (after the same optional resizing as training) and mask = 1.
 
-  def __init__(self, crop_size: int, resize_to: int | None = None):
+  views='center': the central window, image (crop, crop, 3), crop (3,);
+  views='ten': the paper's 4 corners + centre and their reflections, image (10, crop, crop, 3),
+  crop (10, 3).
+  """
+
+  def __init__(self, crop_size: int, resize_to: int | None = None, views: str = "center"):
     self.crop_size = int(crop_size)
     self.resize_to = resize_to
+    self.views = views
+    augment.view_windows(crop_size, crop_size, crop_size, views)  # validates `views`
 
   def map(self, element):
     c = self.crop_size
-    image = _prepare(element["image"], c, self.resize_to)
-    h, w = image.shape[:2]
-    top, left = (h - c) // 2, (w - c) // 2
-    return {"image": image[top:top + c, left:left + c],
-            "label": np.int32(element["label"]), "mask": np.float32(1.0)}
+    image = augment.fit_for_crop(element["image"], c, self.resize_to)
+    windows = augment.view_windows(*image.shape[:2], c, self.views)
+    crops = np.stack([augment.crop_flip(image, t, l, c, f) for t, l, f in windows])
+    crop = np.array(windows, np.int32)
+    if self.views == "center":
+      crops, crop = crops[0], crop[0]
+    return {"image": crops, "label": np.int32(element["label"]), "crop": crop,
+            "mask": np.float32(1.0)}
 
 
 class _Padding(grain.transforms.Map):
-  """Maps any index to a padding example (zeros, label 0, mask 0)."""
+  """Maps any index to a padding example (zeros, label 0, mask 0) shaped like the views."""
 
-  def __init__(self, crop_size: int):
+  def __init__(self, crop_size: int, views: str = "center"):
     self.crop_size = int(crop_size)
+    self.views = views
 
   def map(self, element):
     del element
-    return {"image": np.zeros((self.crop_size, self.crop_size, 3), np.uint8),
-            "label": np.int32(0), "mask": np.float32(0.0)}
+    shape = (self.crop_size, self.crop_size, 3)
+    n = len(augment.view_windows(self.crop_size, self.crop_size, self.crop_size, self.views))
+    if self.views != "center":
+      shape = (n,) + shape
+    return {"image": np.zeros(shape, np.uint8), "label": np.int32(0),
+            "crop": np.zeros(shape[:-3] + (3,), np.int32), "mask": np.float32(0.0)}
 
 
 # ---------------------------------------------------------------------------
@@ -159,7 +166,8 @@ def _finish(ds: grain.MapDataset, *, workers: int, read_threads: int,
 def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, workers: int = 0,
                   prefetch_buffer: int = 4, read_threads: int = 4,
-                  resize_to: int | None = None) -> grain.IterDataset:
+                  resize_to: int | None = None, random_crop: bool = True, flip: bool = True,
+                  pca_std: float = 0.0) -> grain.IterDataset:
   """Endless, shuffled, augmented training batches for this process.
 
   source → slice [process_index::process_count] → seed → shuffle (reshuffled every
@@ -179,7 +187,8 @@ def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
   ds = ds.seed(_process_seed(seed, process_index))
   ds = ds.shuffle()
   ds = ds.repeat(None)
-  ds = ds.random_map(TrainAugment(crop_size, resize_to))
+  ds = ds.random_map(TrainAugment(crop_size, resize_to, random_crop=random_crop, flip=flip,
+                                  pca_std=pca_std))
   ds = ds.batch(local, drop_remainder=True)
   return _finish(ds, workers=workers, read_threads=read_threads,
                  prefetch_buffer=prefetch_buffer)
@@ -187,7 +196,8 @@ def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
 
 def eval_dataset(source, *, global_batch_size: int, crop_size: int, process_index: int = 0,
                  process_count: int = 1, workers: int = 0, prefetch_buffer: int = 4,
-                 read_threads: int = 4, resize_to: int | None = None) -> grain.IterDataset:
+                 read_threads: int = 4, resize_to: int | None = None,
+                 views: str = "center") -> grain.IterDataset:
   """One deterministic pass over this process's slice, centre-cropped, with a mask.
 
   Every process yields the same number of batches (`eval_steps(len(source), ...)`),
@@ -199,11 +209,52 @@ def eval_dataset(source, *, global_batch_size: int, crop_size: int, process_inde
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.map(EvalTransform(crop_size, resize_to))
+  ds = ds.map(EvalTransform(crop_size, resize_to, views))
   padded = eval_steps(len(source), global_batch_size, process_count) * local
   if padded > len(ds):
-    pad = grain.MapDataset.range(padded - len(ds)).map(_Padding(crop_size))
+    pad = grain.MapDataset.range(padded - len(ds)).map(_Padding(crop_size, views))
     ds = grain.MapDataset.concatenate([ds, pad]) if len(ds) else pad
   ds = ds.batch(local, drop_remainder=True)
   return _finish(ds, workers=workers, read_threads=read_threads,
                  prefetch_buffer=prefetch_buffer)
+
+
+class DevicePrefetch:
+  """Puts `size` batches on the device ahead of the step that needs them, so host→device
+  transfers overlap the computation, and checkpoints as the position of the next batch it
+  hands out (not of the batches already read ahead): a restored run sees the same batches.
+
+  Wraps a grain `DatasetIterator`; `put` maps a host batch to device arrays. Implements the
+  iterator protocol grain's orbax `CheckpointHandler` expects of a non-`DatasetIterator`
+  (`get_state() -> bytes`, `set_state(bytes)`, `start_prefetch()`).
+  """
+
+  def __init__(self, iterator, put, size: int = 2):
+    self._it, self._put, self._size = iterator, put, max(0, int(size))
+    self._queue = collections.deque()  # (state before the batch, device batch)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    while len(self._queue) < self._size + 1:
+      state = copy.deepcopy(self._it.get_state())
+      self._queue.append((state, self._put(next(self._it))))
+    return self._queue.popleft()[1]
+
+  def get_state(self) -> bytes:
+    state = self._queue[0][0] if self._queue else self._it.get_state()
+    return json.dumps(state).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self._queue.clear()
+    self._it.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:
+    pass
+
+  def close(self) -> None:
+    self._queue.clear()
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()

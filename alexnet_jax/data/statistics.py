@@ -100,6 +100,16 @@ class Accumulator:
         num_images=self.count)
 
 
+def neutral(size: int, mean_rgb, std_rgb) -> Statistics:
+  """Stand-in statistics of the right shapes (a flat mean image, axis-aligned colour spread), for
+  tools that compile or time the step without a data set."""
+  var = np.square(np.asarray(std_rgb, np.float64))
+  return Statistics(
+      mean_image=np.broadcast_to(np.asarray(mean_rgb, np.float32), (size, size, 3)).copy(),
+      rgb_mean=np.asarray(mean_rgb, np.float64), rgb_cov=np.diag(var), eigvals=var,
+      eigvecs=np.eye(3), num_images=0)
+
+
 def save(stats: Statistics, path: str) -> None:
   """Writes atomically (a reader never sees half a file)."""
   tmp = f'{path}.tmp-{os.getpid()}'
