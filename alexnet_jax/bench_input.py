@@ -1,0 +1,294 @@
+"""Input pipeline throughput: ``python -m alexnet_jax.bench_input --data=NAME --data_dir=DIR --workers=N``.
+
+Measures, in one run and interleaved (so drift on a noisy machine hits all alike), training
+images/s of:
+  1. the grain pipeline on a prepared set (``--data``): decode the stored 256² JPEG, random crop,
+     reflection and PCA coefficients, uint8 batches;
+  2. with ``--folder`` (the original JPEG folder the set was prepared from): the same pipeline
+     reading the original files directly (reduced-scale JPEG decoding, rescale to 256, central
+     square, crop, flip), and PyTorch's ``DataLoader`` over torchvision's ``ImageFolder`` with
+     ``Resize(256), CenterCrop(256), RandomCrop(crop), RandomHorizontalFlip()`` on the same files
+     with the same worker count (the ``bench`` extra; where torchvision cannot be imported, the
+     same PIL transforms written out in a torch ``Dataset``, and the output says so).
+With ``--overlap --config=configs/demo.py``: training images/s of the configured step fed by the
+real pipeline (device prefetch included) ÷ fed one fixed in-memory batch; 1.0 means the devices
+never wait for the host.
+
+``--make_folder=DIR --images=N`` writes an ImageNet-like folder (10 classes of JPEG crops of
+photos, 300-600 px sides) to benchmark with, then ``python -m alexnet_jax.prepare`` prepares it.
+Timing only — the figures never gate a test.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+from alexnet_jax import cli
+
+
+# ---------------------------------------------------------------------------
+# A folder to benchmark with
+# ---------------------------------------------------------------------------
+
+
+def make_folder(directory: str, images: int, *, classes: int = 10, seed: int = 0) -> None:
+  """ImageNet-like JPEGs: random crops of photos, rescaled so sides are 300-600 px, quality 90."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from skimage import data  # pylint: disable=g-import-not-at-top
+  photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+  rng = np.random.default_rng(seed)
+  for c in range(classes):
+    os.makedirs(os.path.join(directory, f'class_{c:03d}'), exist_ok=True)
+  for i in range(images):
+    photo = photos[int(rng.integers(len(photos)))]
+    h, w = photo.shape[:2]
+    ch, cw = int(rng.integers(h // 2, h)), int(rng.integers(w // 2, w))
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    scale = rng.uniform(300, 600) / max(ch, cw)
+    img = Image.fromarray(photo[top:top + ch, left:left + cw])
+    img = img.resize((max(1, round(cw * scale)), max(1, round(ch * scale))), Image.BILINEAR)
+    img.save(os.path.join(directory, f'class_{i % classes:03d}', f'{i:06d}.jpg'), quality=90)
+
+
+# ---------------------------------------------------------------------------
+# Pipelines
+# ---------------------------------------------------------------------------
+
+
+def _time_iterator(make_iter, batch_size: int, batches: int, warmup: int) -> float:
+  """images/s of an iterator after `warmup` batches (worker start-up is not throughput)."""
+  it = make_iter()
+  try:
+    for _ in range(warmup):
+      next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    return batches * batch_size / (time.perf_counter() - start)
+  finally:
+    close = getattr(it, 'close', None) or getattr(it, '_shutdown_workers', None)
+    if close is not None:
+      close()
+
+
+def grain_iterator(source, *, batch_size: int, crop: int, workers: int, seed: int = 0):
+  from alexnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return lambda: iter(pipeline.train_dataset(
+      source, global_batch_size=batch_size, crop_size=crop, seed=seed, workers=workers,
+      resize_to=256, pca_std=0.1))
+
+
+class _PilFolder:
+  """torchvision's ImageFolder + Resize(256), CenterCrop(256), RandomCrop, RandomHorizontalFlip,
+  PILToTensor, written out with PIL (for machines where torchvision cannot be imported)."""
+
+  def __init__(self, root: str, crop: int):
+    from alexnet_jax.data import sources  # pylint: disable=g-import-not-at-top
+    _, self.files = sources.list_class_folder(root)
+    self.root, self.crop = root, crop
+
+  def __len__(self):
+    return len(self.files)
+
+  def __getitem__(self, i):
+    import random  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    path, label = self.files[i]
+    with open(os.path.join(self.root, path), 'rb') as f:
+      img = Image.open(f).convert('RGB')
+    w, h = img.size
+    s = 256 / min(w, h)
+    img = img.resize((max(256, int(w * s)), max(256, int(h * s))), Image.BILINEAR)
+    w, h = img.size
+    left, top = int(round((w - 256) / 2)), int(round((h - 256) / 2))
+    img = img.crop((left, top, left + 256, top + 256))
+    t, l = random.randint(0, 256 - self.crop), random.randint(0, 256 - self.crop)
+    img = img.crop((l, t, l + self.crop, t + self.crop))
+    if random.random() < 0.5:
+      img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label
+
+
+def torch_iterator(folder: str, *, batch_size: int, crop: int, workers: int):
+  """(make_iter, what) for torch's DataLoader over the folder."""
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    from torchvision import datasets, transforms  # pylint: disable=g-import-not-at-top
+    dataset = datasets.ImageFolder(folder, transforms.Compose([
+        transforms.Resize(256), transforms.CenterCrop(256), transforms.RandomCrop(crop),
+        transforms.RandomHorizontalFlip(), transforms.PILToTensor()]))
+    what = 'torchvision ImageFolder + DataLoader'
+  except Exception as e:  # pylint: disable=broad-except  (ImportError, or a wheel that fails to load)
+    dataset = _PilFolder(folder, crop)
+    what = (f'torch DataLoader + the same PIL transforms (torchvision unavailable: '
+            f'{type(e).__name__})')
+  loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                       num_workers=workers, drop_last=True,
+                                       persistent_workers=False)
+
+  def make_iter():
+    # Endless, like the training pipeline: start the next epoch when one ends.
+    def endless():
+      while True:
+        yield from loader
+    return endless()
+
+  return make_iter, what
+
+
+def measure_pipelines(*, data: str | None, data_dir: str | None, folder: str | None,
+                      workers: int, batch_size: int, crop: int, batches: int, warmup: int,
+                      repeats: int, use_torch: bool) -> dict:
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import sources  # pylint: disable=g-import-not-at-top
+  runs = {}
+  if data:
+    cfg = ml_collections.ConfigDict(dict(name=data, data_dir=data_dir))
+    runs['grain, prepared set'] = grain_iterator(
+        sources.open_source(cfg, 'train', min_side=256), batch_size=batch_size, crop=crop,
+        workers=workers)
+  labels = {}
+  if folder:
+    runs['grain, original JPEGs'] = grain_iterator(
+        sources.FolderImageSource(folder, min_side=256), batch_size=batch_size, crop=crop,
+        workers=workers)
+    if use_torch:
+      try:
+        make, what = torch_iterator(folder, batch_size=batch_size, crop=crop, workers=workers)
+        runs['torch, original JPEGs'] = make
+        labels['torch, original JPEGs'] = what
+      except ImportError:
+        pass
+  if not runs:
+    raise app.UsageError('give --data (a prepared set) and/or --folder (a JPEG folder)')
+  best = {k: 0.0 for k in runs}
+  for _ in range(repeats):
+    for name, make in runs.items():
+      best[name] = max(best[name], _time_iterator(make, batch_size, batches, warmup))
+  result = dict(workers=workers, batch_size=batch_size, crop=crop, images_per_second=best,
+                torch_baseline=labels.get('torch, original JPEGs'))
+  base = best.get('torch, original JPEGs')
+  if base:
+    result['ratios_vs_torch'] = {k: v / base for k, v in best.items() if k != 'torch, original JPEGs'}
+  return result
+
+
+# ---------------------------------------------------------------------------
+# Overlap: real pipeline vs a fixed in-memory batch, through the real training step
+# ---------------------------------------------------------------------------
+
+
+def measure_overlap(config, *, steps: int, warmup: int, repeats: int) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import program, sharding, train  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  inp = config.input
+  resize_to = inp.get('resize_to')
+  source = sources.open_source(config.dataset, config.dataset.train_split, min_side=resize_to)
+  stats = train.input_statistics(config, source)
+  prog = program.build_program(config, steps_per_epoch=100, input_stats=stats)
+  put = lambda b: sharding.put_batch(b, prog.mesh)
+
+  def make_iter():
+    return pipeline.DevicePrefetch(iter(pipeline.train_dataset(
+        source, global_batch_size=config.batch_size, crop_size=config.model.image_size,
+        seed=config.seed, workers=inp.workers, resize_to=resize_to,
+        random_crop=inp.get('random_crop', True), flip=inp.get('flip', True),
+        pca_std=inp.get('pca_lighting_std', 0.0))), put, size=inp.get('prefetch_batches', 2))
+
+  state = prog.init_state()
+  it = make_iter()
+  fixed = next(it)
+  it.close()
+
+  def run(next_batch, state):
+    for _ in range(warmup):
+      state, m = prog.train_step(state, next_batch())
+    jax.block_until_ready(m)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, m = prog.train_step(state, next_batch())
+    jax.block_until_ready(m)
+    return state, steps * config.batch_size / (time.perf_counter() - start)
+
+  fixed_ips, real_ips = 0.0, 0.0
+  for _ in range(repeats):
+    state, ips = run(lambda: fixed, state)
+    fixed_ips = max(fixed_ips, ips)
+    it = make_iter()
+    try:
+      state, ips = run(lambda: next(it), state)
+    finally:
+      it.close()
+    real_ips = max(real_ips, ips)
+  return dict(fixed_batch_images_per_second=fixed_ips, pipeline_images_per_second=real_ips,
+              overlap=real_ips / fixed_ips, batch_size=config.batch_size,
+              workers=inp.workers, platform=jax.default_backend(), mesh=dict(prog.mesh.shape))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  f = flags.FLAGS
+  if f.make_folder:
+    make_folder(f.make_folder, f.images)
+    print(f'wrote {f.images} JPEGs in 10 classes to {f.make_folder}; prepare them with '
+          f'python -m alexnet_jax.prepare --source={f.make_folder} --name=NAME')
+    return
+  if f.overlap:
+    from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
+    config = cli.config_or_usage_error()
+    config.emulate_cpu_devices = max(config.emulate_cpu_devices,
+                                     max(1, config.mesh.data) * config.mesh.model)
+    distributed.initialize(config)
+    r = measure_overlap(config, steps=f.steps, warmup=2, repeats=f.repeats)
+    print(f'overlap, {r["platform"]}, mesh {r["mesh"]}, batch {r["batch_size"]}, '
+          f'{r["workers"]} workers:')
+    print(f'  step fed one fixed in-memory batch {r["fixed_batch_images_per_second"]:9.1f} img/s')
+    print(f'  step fed by the input pipeline     {r["pipeline_images_per_second"]:9.1f} img/s   '
+          f'ratio {r["overlap"]:.3f}')
+    return
+  r = measure_pipelines(data=f.data, data_dir=f.data_dir, folder=f.folder, workers=f.workers,
+                        batch_size=f.batch_size, crop=f.crop, batches=f.batches, warmup=f.warmup,
+                        repeats=f.repeats, use_torch=f.torch)
+  print(f'training input, batch {r["batch_size"]}, {r["crop"]}² crops, {r["workers"]} workers '
+        f'({os.cpu_count()} cores):')
+  for name, ips in r['images_per_second'].items():
+    ratio = r.get('ratios_vs_torch', {}).get(name)
+    print(f'  {name:24s} {ips:9.1f} img/s' + (f'   vs torch {ratio:.2f}x' if ratio else ''))
+  if r['torch_baseline']:
+    print(f'  (torch baseline: {r["torch_baseline"]})')
+
+
+def _define_flags() -> None:
+  cli.define_tool_flags()
+  flags.DEFINE_string('data', None, 'A prepared set (or any set open_source knows).')
+  flags.DEFINE_string('data_dir', None, 'Where prepared sets live (default: TFDS\'s).')
+  flags.DEFINE_string('folder', None, 'The original JPEG folder (class subfolders).')
+  flags.DEFINE_integer('workers', 2, 'Worker processes, for grain and torch alike.')
+  flags.DEFINE_integer('batch_size', 128, 'Batch size.')
+  flags.DEFINE_integer('crop', 227, 'Training crop side.')
+  flags.DEFINE_integer('batches', 20, 'Timed batches per measurement.')
+  flags.DEFINE_integer('warmup', 3, 'Untimed batches first (worker start-up).')
+  flags.DEFINE_integer('repeats', 2, 'Interleaved rounds; the best of each is kept.')
+  flags.DEFINE_bool('torch', True, 'Also time torch\'s DataLoader on --folder when installed.')
+  flags.DEFINE_bool('overlap', False, 'Measure the step fed by the pipeline vs a fixed batch '
+                    '(needs --config).')
+  flags.DEFINE_integer('steps', 20, 'Timed training steps per overlap measurement.')
+  flags.DEFINE_string('make_folder', None, 'Write a benchmark JPEG folder here and exit.')
+  flags.DEFINE_integer('images', 2000, 'Images for --make_folder.')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
