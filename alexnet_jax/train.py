@@ -40,7 +40,8 @@ def input_statistics(config, train_source):
   if side < config.model.image_size:
     raise ValueError(f'images are {side}px, smaller than the {config.model.image_size}px crops: set '
                      f'--config.input.resize_to to at least {config.model.image_size}')
-  return statistics.ensure(train_source, side, progress=jax.process_index() == 0)
+  return statistics.ensure(train_source, side, progress=jax.process_index() == 0,
+                           workers=inp.workers)
 
 
 def _check_data(config, train_source) -> None:

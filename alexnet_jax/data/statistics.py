@@ -133,19 +133,37 @@ def path_for(source) -> str:
   return os.path.join(location, 'alexnet_jax_' + FILENAME)
 
 
-def compute(source, size: int, *, progress: bool = True) -> Statistics:
+class _Square:
+  """grain map: an item's image rescaled to the central size x size square (picklable)."""
+
+  def __init__(self, size: int):
+    self.size = size
+
+  def __call__(self, item):
+    from alexnet_jax.data import augment  # pylint: disable=g-import-not-at-top
+    return augment.rescale_center_square(item['image'], self.size)
+
+
+def compute(source, size: int, *, progress: bool = True, workers: int = 0) -> Statistics:
   """One pass over a source (``{'image': uint8 (H, W, 3)}`` items), each image rescaled to the
-  central size x size square as the pipeline does."""
+  central size x size square as the pipeline does; decoding runs in ``workers`` grain processes,
+  the sums in this one."""
+  import grain  # pylint: disable=g-import-not-at-top
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  ds = grain.MapDataset.source(source).map(_Square(size)).batch(32)
+  ds = pipeline._finish(ds, workers=workers, read_threads=4, prefetch_buffer=4)  # pylint: disable=protected-access
   acc = Accumulator(size)
-  for i in tqdm(range(len(source)), desc='mean image and RGB PCA', unit='img',
-                disable=not progress):
-    acc.add(augment.rescale_center_square(source[i]['image'], size))
+  with tqdm(total=len(source), desc='mean image and RGB PCA', unit='img',
+            disable=not progress) as bar:
+    for batch in ds:
+      for image in batch:
+        acc.add(image)
+      bar.update(len(batch))
   return acc.finalize()
 
 
-def ensure(source, size: int, *, progress: bool = True) -> Statistics:
+def ensure(source, size: int, *, progress: bool = True, workers: int = 0) -> Statistics:
   """The source's statistics at ``size``, computed and stored on first use."""
   path = path_for(source)
   if os.path.isfile(path):
@@ -156,7 +174,7 @@ def ensure(source, size: int, *, progress: bool = True) -> Statistics:
                 stats.size, size)
   log.info('computing the mean image and RGB PCA of %s (one pass, stored in %s)',
            source.info.location, path)
-  stats = compute(source, size, progress=progress)
+  stats = compute(source, size, progress=progress, workers=workers)
   try:
     save(stats, path)
   except OSError as e:
