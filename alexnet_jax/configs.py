@@ -47,6 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1
+  # keep_epochs: checkpoints kept for good at these epochs (Zeiler & Fergus's feature evolution).
   c.checkpoint = ml_collections.ConfigDict(dict(every_epochs=1, keep=3, keep_best=True,
-                                                async_save=True))
+                                                async_save=True,
+                                                keep_epochs=(1, 2, 5, 10, 20, 30, 40, 64)))
   return c

@@ -68,7 +68,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       workers=config.input.workers))
 
   os.makedirs(workdir, exist_ok=True)
-  manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), config.checkpoint)
+  manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), config.checkpoint,
+                                       steps_per_epoch)
+  keep_epochs = set(config.checkpoint.get('keep_epochs', ()) or ())
   plateau = optim.PlateauController(
       factor=config.optim.plateau_factor, patience=config.optim.plateau_patience,
       threshold=config.optim.plateau_threshold, max_drops=config.optim.max_drops)
@@ -122,7 +124,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           logging.info('validation error stopped improving: learning rate x %.3g',
                        plateau.scale)
           state = state.replace(opt_state=optim.with_lr_scale(state.opt_state, plateau.scale))
-      if epoch_done % config.checkpoint.every_epochs == 0 or last or manager.reached_preemption(step):
+      if (epoch_done % config.checkpoint.every_epochs == 0 or epoch_done in keep_epochs or last
+          or manager.reached_preemption(step)):
         metrics = {checkpointing.BEST_METRIC: val['top1_error']} if val else None
         checkpointing.save(manager, step, state, train_iter, meta(epoch_done), metrics=metrics)
       window_start = time.perf_counter()  # evaluation and saving are not training throughput
