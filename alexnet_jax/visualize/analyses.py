@@ -269,17 +269,20 @@ def occlusion(net: Network, image: np.ndarray, label: int | None, layer: str, si
   strongest = int(np.argmax(act.reshape(-1, act.shape[-1]).max(axis=0)))
   true = int(np.argmax(logits[0])) if label is None else int(label)
   apply, normalize, fill = net.apply, net.normalize, net.config.input.mean_rgb
-  base = jnp.asarray(image, jnp.float32)
 
-  def measure(params, corner):
-    occluded = occlude(jnp.broadcast_to(base, (len(corner), *base.shape)), corner, size, fill)
-    logits, acts = deconvnet.features(apply, params, normalize(occluded))
-    probs = jax.nn.softmax(logits.astype(jnp.float32))
-    a = acts[layer][..., strongest]
-    return dict(feature=a.reshape(len(corner), -1).sum(-1), probability=probs[:, true],
-                predicted=jnp.argmax(probs, -1), predicted_probability=jnp.max(probs, -1))
+  def make():
+    def measure(params, base, map_, true_, corner):
+      occluded = occlude(jnp.broadcast_to(base, (len(corner), *base.shape)), corner, size, fill)
+      logits, acts = deconvnet.features(apply, params, normalize(occluded))
+      probs = jax.nn.softmax(logits.astype(jnp.float32))
+      a = jnp.take(acts[layer], map_, axis=-1)
+      return dict(feature=a.reshape(len(corner), -1).sum(-1), probability=probs[:, true_],
+                  predicted=jnp.argmax(probs, -1), predicted_probability=jnp.max(probs, -1))
+    return measure
 
-  out = net.map_batches(measure, corners, batch_size=128, desc='occlusion')
+  measure = net.function(('occlusion', layer, size), make)
+  shared = (np.asarray(image, np.float32), np.int32(strongest), np.int32(true))
+  out = net.map_batches(measure, corners, batch_size=128, desc='occlusion', shared=shared)
   side = int(round(np.sqrt(len(corners))))
   grid = {k: v.reshape(side, side) for k, v in out.items()}
   proj = project_examples(net, image[None], layer, np.array([0]), np.array([strongest]))

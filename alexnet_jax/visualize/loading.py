@@ -41,7 +41,7 @@ class Network:
   _jitted: dict = dataclasses.field(default_factory=dict, repr=False)
   _functions: dict = dataclasses.field(default_factory=dict, repr=False)
 
-  def _function(self, key, make):
+  def function(self, key, make):
     """One function object per key, so that ``map_batches`` compiles it once."""
     if key not in self._functions:
       self._functions[key] = make()
@@ -60,9 +60,11 @@ class Network:
   def _replicated(self):
     return jax.device_put(self.params, NamedSharding(_mesh(), P()))
 
-  def map_batches(self, fn: Callable, *arrays, batch_size: int = 64, desc: str | None = None):
-    """``fn(params, *chunks)`` over the leading axis of ``arrays`` (all the same length), each
-    chunk split across the local devices; outputs (any pytree) concatenated along axis 0."""
+  def map_batches(self, fn: Callable, *arrays, batch_size: int = 64, desc: str | None = None,
+                  shared: tuple = ()):
+    """``fn(params, *shared, *chunks)`` over the leading axis of ``arrays`` (all the same length),
+    each chunk split across the local devices, ``shared`` replicated on them; outputs (any pytree)
+    concatenated along axis 0."""
     mesh = _mesh()
     devices = mesh.devices.size
     n = len(arrays[0])
@@ -70,6 +72,7 @@ class Network:
     if fn not in self._jitted:  # the arguments' shardings split the batch across the devices
       self._jitted[fn] = jax.jit(fn)
     jitted = self._jitted[fn]
+    shared = jax.device_put(tuple(np.asarray(a) for a in shared), NamedSharding(mesh, P()))
     outputs = []
     starts = range(0, n, batch_size)
     if desc is not None and len(starts) > 1:
@@ -81,14 +84,14 @@ class Network:
       chunks = [np.concatenate([c, np.repeat(c[-1:], batch_size - real, axis=0)]) if real < batch_size
                 else c for c in chunks]
       chunks = [jax.device_put(c, NamedSharding(mesh, P(BATCH))) for c in chunks]
-      out = jax.device_get(jitted(self._replicated, *chunks))
+      out = jax.device_get(jitted(self._replicated, *shared, *chunks))
       outputs.append(jax.tree.map(lambda x: x[:real], out))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
 
   def features(self, images: np.ndarray, *, desc: str | None = None, batch_size: int = 64):
     """``(logits, {layer: untowered activations})`` as numpy arrays."""
     apply, normalize = self.apply, self.normalize
-    fn = self._function('features', lambda: lambda params, x: deconvnet.features(
+    fn = self.function('features', lambda: lambda params, x: deconvnet.features(
         apply, params, normalize(x)))
     return self.map_batches(fn, images, desc=desc, batch_size=batch_size)
 
@@ -97,10 +100,10 @@ class Network:
     """Deconvnet projections (see ``deconvnet.project``) of one activation per image."""
     apply, normalize = self.apply, self.normalize
     if positions is None:
-      fn = self._function(('strongest', layer), lambda: lambda params, x, m: deconvnet.project(
+      fn = self.function(('strongest', layer), lambda: lambda params, x, m: deconvnet.project(
           apply, params, normalize(x), layer, m))
       return self.map_batches(fn, images, np.asarray(maps), desc=desc, batch_size=32)
-    fn = self._function(('project', layer), lambda: lambda params, x, m, p: deconvnet.project(
+    fn = self.function(('project', layer), lambda: lambda params, x, m, p: deconvnet.project(
         apply, params, normalize(x), layer, m, p))
     return self.map_batches(fn, images, np.asarray(maps), np.asarray(positions), desc=desc,
                             batch_size=32)
