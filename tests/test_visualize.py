@@ -26,6 +26,7 @@ def _config(data_dir):
   c.log_every_steps = 2
   c.num_epochs = 2
   c.checkpoint.update(async_save=False, keep=1, keep_best=False, keep_epochs=(1,))
+  c.visualize.update(every_epochs=1, images=2)
   return c
 
 
@@ -49,6 +50,16 @@ def test_checkpoints_are_kept_at_the_listed_epochs(trained):
   config, workdir, net = trained
   assert loading.checkpoint_steps(config, workdir) == [4, 8]   # keep=1 alone would keep only 8
   assert net.step == 8 and net.epoch == 2
+
+
+def test_training_renders_filters_and_projections(trained):
+  _, workdir, _ = trained
+  for epoch in (1, 2):
+    filters = _png(os.path.join(workdir, 'visualize', f'filters_epoch{epoch}.png'))
+    assert filters.shape == (2 * 35 + 2, 3 * 35 + 2, 3)
+    deconv = _png(os.path.join(workdir, 'visualize', f'deconv_epoch{epoch}.png'))
+    assert deconv.shape == (2 * 136 + 2, 5 * 136 + 2, 3)   # 2 images, each + 4 projections
+  assert any(f.startswith('events') for f in os.listdir(os.path.join(workdir, 'tensorboard')))
 
 
 def test_occlusion_equals_a_slow_loop(trained, images):

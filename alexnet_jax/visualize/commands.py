@@ -329,3 +329,24 @@ def run_correspondence(net: Network, options: Options, out_dir: str) -> list[str
              f'({options.random_draws} draws). Table: correspondence.md.')
   return _finish(out_dir, 'correspondence', [('correspondence.png', caption)],
                  ['correspondence.md', 'correspondence.json'])
+
+
+# --- during training ------------------------------------------------------------------------------
+
+def training_snapshot(net: Network, images: np.ndarray, out_dir: str, epoch: int,
+                      maps: int = 4) -> dict[str, np.ndarray]:
+  """The first-layer filters and the deconvnet projections of ``images``' strongest ``maps`` maps
+  of the last conv layer, written as ``filters_epochN.png`` / ``deconv_epochN.png``; returns the
+  pictures (for TensorBoard)."""
+  filters = analyses.first_layer_filters(net)
+  pictures = {'filters': render.square_grid(
+      [render.zoom_to(render.filter_image(f), 33) for f in filters], pad=2)}
+  layer = analyses.spatial_layers(net)[-1]
+  proj = analyses.strongest_maps(net, images, [layer], maps)[layer]
+  k = len(proj.maps) // len(images)
+  rows = [[images[i]] + [render.projection_image(p) for p in proj.projections[i * k:(i + 1) * k]]
+          for i in range(len(images))]
+  pictures[f'deconv_{layer}'] = render.grid([[render.zoom_to(t, 96) for t in row] for row in rows])
+  for name, picture in pictures.items():
+    render.save_png(os.path.join(out_dir, f'{name.split("_")[0]}_epoch{epoch}.png'), picture)
+  return pictures
