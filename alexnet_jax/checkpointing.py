@@ -38,15 +38,19 @@ def _state_dict(state) -> dict:
   return dict(step=state.step, params=state.params, opt_state=state.opt_state, rng=state.rng)
 
 
-def make_manager(directory: str, checkpoint_cfg) -> ocp.CheckpointManager:
+def make_manager(directory: str, checkpoint_cfg, steps_per_epoch: int | None = None
+                 ) -> ocp.CheckpointManager:
+  """``steps_per_epoch``: converts ``checkpoint_cfg.keep_epochs`` to the steps kept for good."""
   policies = [ocp.checkpoint_managers.LatestN(n=int(checkpoint_cfg.keep))]
   if checkpoint_cfg.keep_best:
     policies.append(ocp.checkpoint_managers.BestN(
         get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
         keep_checkpoints_without_metrics=False))
-  keep_epochs = tuple(checkpoint_cfg.get('keep_steps', ()) or ())
-  if keep_epochs:
-    policies.append(ocp.checkpoint_managers.CustomSteps(steps=list(keep_epochs)))
+  keep_steps = list(checkpoint_cfg.get('keep_steps', ()) or ())
+  if steps_per_epoch:
+    keep_steps += [int(e * steps_per_epoch) for e in checkpoint_cfg.get('keep_epochs', ()) or ()]
+  if keep_steps:
+    policies.append(ocp.checkpoint_managers.CustomSteps(steps=sorted(set(keep_steps))))
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
       enable_async_checkpointing=bool(checkpoint_cfg.async_save),

@@ -56,6 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1
+  # keep_epochs: checkpoints kept for good at these epochs (Zeiler & Fergus's feature evolution).
   c.checkpoint = ml_collections.ConfigDict(dict(every_epochs=1, keep=3, keep_best=True,
-                                                async_save=True))
+                                                async_save=True,
+                                                keep_epochs=(1, 2, 5, 10, 20, 30, 40, 64)))
+  # Every N epochs (0: never) write the first-layer filters and a few deconvnet projections to
+  # <workdir>/visualize/ and TensorBoard, to watch the features form.
+  c.visualize = ml_collections.ConfigDict(dict(every_epochs=0, images=4))
   return c

@@ -32,6 +32,11 @@ class MetricWriter:
     for k, v in values.items():
       self._tb.add_scalar(f'{split}/{k}', v, int(step))
 
+  def image(self, step: int, tag: str, picture: np.ndarray) -> None:
+    """A uint8 ``(H, W, 3)`` picture to TensorBoard."""
+    if self.enabled:
+      self._tb.add_image(tag, picture, int(step), dataformats='HWC')
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.flush()

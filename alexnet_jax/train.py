@@ -94,7 +94,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       put=lambda b: sharding.put_batch(b, mesh), size=inp.get('prefetch_batches', 2))
 
   os.makedirs(workdir, exist_ok=True)
-  manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), config.checkpoint)
+  manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), config.checkpoint,
+                                       steps_per_epoch)
+  keep_epochs = set(config.checkpoint.get('keep_epochs', ()) or ())
   plateau = optim.PlateauController(
       factor=config.optim.plateau_factor, patience=config.optim.plateau_patience,
       threshold=config.optim.plateau_threshold, max_drops=config.optim.max_drops)
@@ -146,7 +148,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           logging.info('validation error stopped improving: learning rate x %.3g',
                        plateau.scale)
           state = state.replace(opt_state=optim.with_lr_scale(state.opt_state, plateau.scale))
-      if epoch_done % config.checkpoint.every_epochs == 0 or last or manager.reached_preemption(step):
+      every = config.get('visualize', {}).get('every_epochs', 0)
+      if every and epoch_done % every == 0 and jax.process_count() == 1:
+        _visualize(config, prog, state.params, eval_source, workdir, epoch_done, writer, step)
+      if (epoch_done % config.checkpoint.every_epochs == 0 or epoch_done in keep_epochs or last
+          or manager.reached_preemption(step)):
         metrics = {checkpointing.BEST_METRIC: val['top1_error']} if val else None
         checkpointing.save(manager, step, state, train_iter, meta(epoch_done), metrics=metrics)
       window_start = time.perf_counter()  # evaluation and saving are not training throughput
@@ -163,6 +169,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if jax.process_index() == 0:
     metrics_lib.plot_training_curves(workdir)
   return val
+
+
+def _visualize(config, prog, params, eval_source, workdir, epoch, writer, step) -> None:
+  """First-layer filters and a few deconvnet projections, to watch the features form."""
+  from alexnet_jax.visualize import commands, deconvnet, loading  # pylint: disable=g-import-not-at-top
+  crop = pipeline.EvalTransform(config.model.image_size)
+  count = min(int(config.visualize.images), len(eval_source))
+  images = np.stack([crop.map(eval_source[i])['image'] for i in range(count)])
+  net = loading.Network(config=config, apply=deconvnet.make_apply(prog.graphdef),
+                        params=jax.device_get(params), step=step, epoch=epoch)
+  pictures = commands.training_snapshot(net, images, os.path.join(workdir, 'visualize'), epoch)
+  for name, picture in pictures.items():
+    writer.image(step, f'visualize/{name}', picture)
 
 
 def _hms(seconds: float) -> str:

@@ -100,25 +100,28 @@ class AlexNet(nnx.Module):
 
   def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None,
                exchange: TowerExchange = LOCAL_TOWERS, gather_logits: bool = True,
-               capture: bool = False):
+               capture: bool = False, deconv: bool = False):
     """Class scores for a batch of normalised NHWC images.
 
     Returns logits ``(batch, classes)``, or with ``gather_logits=False`` the towers' own slices
     ``(local_towers, batch, classes // towers)`` (for a loss computed without gathering them).
     With ``capture=True`` also returns a dict of every layer's output (tower-split, after ReLU),
-    which the summary and the visualisations read.
+    which the summary and the visualisations read. ``deconv=True`` computes the same forward pass
+    with Zeiler & Fergus's deconvnet as its backward pass (``alexnet_jax.visualize.deconvnet``):
+    ReLUs rectify the signal coming down, and LRN passes it unchanged.
     """
     acts = {}
     keep = lambda name, x: acts.__setitem__(name, x) if capture else None
-    relu = jax.nn.relu
+    relu = layers.relu_for(deconv)
+    lrn = layers.normalize_for(self._lrn, deconv)
     with jax.named_scope('conv1'):
       x = relu(self.conv1(images))
       keep('conv1', x)
-      x = layers.max_pool(self._lrn(x))
+      x = layers.max_pool(lrn(x))
     with jax.named_scope('conv2'):
       x = relu(self.conv2(x))
       keep('conv2', x)
-      x = layers.max_pool(self._lrn(x))
+      x = layers.max_pool(lrn(x))
     with jax.named_scope('conv3'):
       x = relu(self.conv3(x, exchange))
       keep('conv3', x)

@@ -114,6 +114,64 @@ def _max_pool_bwd(window, stride, x, g):
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+@jax.custom_vjp
+def deconv_relu(x: jax.Array) -> jax.Array:
+  """ReLU whose backward pass is Zeiler & Fergus's deconvnet rule: rectify the signal coming down.
+
+  The gradient of ReLU masks the incoming signal by where the forward input was positive; the
+  deconvnet instead passes ``relu(g)``, whatever the forward activation was. With this ReLU, the
+  vector-Jacobian product of a network w.r.t. its input *is* the deconvnet: the vjp of max-pooling
+  is unpooling with the forward switches, the vjp of a convolution w.r.t. its input is filtering
+  with the transposed (flipped) filters, and biases drop out.
+  """
+  return jax.nn.relu(x)
+
+
+def _deconv_relu_fwd(x):
+  return jax.nn.relu(x), None
+
+
+def _deconv_relu_bwd(_, g):
+  return (jax.nn.relu(g),)
+
+
+deconv_relu.defvjp(_deconv_relu_fwd, _deconv_relu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def backward_unchanged(fn, x: jax.Array) -> jax.Array:
+  """``fn(x)`` forward; the signal coming down passes to ``x`` unchanged (identity backward).
+
+  The deconvnet's handling of normalisation layers: Zeiler & Fergus give no inverse for their
+  contrast normalisation and project through it as if it were absent.
+  """
+  return fn(x)
+
+
+def _unchanged_fwd(fn, x):
+  return fn(x), None
+
+
+def _unchanged_bwd(fn, _, g):
+  del fn
+  return (g,)
+
+
+backward_unchanged.defvjp(_unchanged_fwd, _unchanged_bwd)
+
+
+def relu_for(deconv: bool):
+  """The ReLU of a model's forward pass: the plain one, or the deconvnet's (``deconv=True``)."""
+  return deconv_relu if deconv else jax.nn.relu
+
+
+def normalize_for(norm, deconv: bool):
+  """``norm`` itself, or (``deconv=True``) ``norm`` with the deconvnet's identity backward pass."""
+  if not deconv:
+    return norm
+  return functools.partial(backward_unchanged, norm)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   """Inverted dropout: equivalent to the paper's halving of the outputs at test time."""
   if rate == 0.0 or key is None:

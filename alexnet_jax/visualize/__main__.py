@@ -1,0 +1,86 @@
+"""``python -m alexnet_jax.visualize <analysis> --config=… --checkpoint=DIR [--images=…] --out=DIR``
+
+Analyses: filters, deconv, top9, evolution, invariance, occlusion, correspondence (see
+``alexnet_jax.visualize``). Writes PNG figures and .npz arrays into --out, and an index.html that
+shows every figure written there with its caption.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from alexnet_jax import cli
+
+
+def _define_flags():
+  cli.define_tool_flags()
+  flags.DEFINE_string('checkpoint', None, 'The training --workdir (or its checkpoints/ folder).')
+  flags.DEFINE_string('out', None, 'Output folder for the figures, arrays and index.html.')
+  flags.DEFINE_string('images', None, "'dataset' (the config's evaluation split; default), "
+                      "'skimage' (scikit-image's photographs) or comma-separated files / folders.")
+  flags.DEFINE_integer('num_images', None, 'How many images (default: per analysis).')
+  flags.DEFINE_list('layers', None, 'Layers to analyse (default: per analysis).')
+  flags.DEFINE_list('maps', None, 'top9 / evolution: these feature maps (default: random ones).')
+  flags.DEFINE_integer('num_maps', 9, 'top9 / evolution: how many random maps per layer.')
+  flags.DEFINE_integer('top', 9, 'top9: activations per map; deconv: maps per image.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_list('epochs', None, 'evolution: the epochs to show (default: every checkpoint).')
+  flags.DEFINE_integer('occluder_size', None, 'occlusion: side of the grey square (default S/5).')
+  flags.DEFINE_integer('occluder_stride', None, 'occlusion: its stride (default S/56).')
+  flags.DEFINE_string('parts', None, "correspondence: 'name=top,left,height,width;...', one box for "
+                      "all images or one per image separated by '/' (default: a central box).")
+  flags.DEFINE_integer('random_draws', 10, 'correspondence: random boxes per part.')
+  flags.DEFINE_integer('seed', 0, 'Seed for the choice of images, maps and random boxes.')
+
+
+def parse_parts(text: str | None) -> dict | None:
+  if not text:
+    return None
+  parts = {}
+  for item in text.split(';'):
+    if not item.strip():
+      continue
+    name, _, boxes = item.partition('=')
+    try:
+      parts[name.strip()] = [[int(v) for v in box.split(',')] for box in boxes.split('/')]
+    except ValueError:
+      raise ValueError(f'--parts: cannot read {item!r}; write name=top,left,height,width') from None
+    if not name.strip() or any(len(b) != 4 for b in parts[name.strip()]):
+      raise ValueError(f'--parts: cannot read {item!r}; write name=top,left,height,width')
+  return parts
+
+
+def main(argv):
+  from alexnet_jax.visualize.commands import ANALYSES  # pylint: disable=g-import-not-at-top
+  if len(argv) != 2 or argv[1] not in ANALYSES:
+    raise app.UsageError(f'name one analysis: {" | ".join(ANALYSES)}')
+  f = flags.FLAGS
+  config = cli.config_or_usage_error()
+  if not f.checkpoint or not f.out:
+    raise app.UsageError('--checkpoint=the training workdir and --out=a folder are required')
+  from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(config)
+  from alexnet_jax import errors  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.visualize import commands  # pylint: disable=g-import-not-at-top
+  try:
+    options = commands.Options(
+        images=f.images, num_images=f.num_images, layers=f.layers,
+        maps=[int(m) for m in f.maps] if f.maps else None, num_maps=f.num_maps, top=f.top,
+        step=f.step, epochs=[float(e) for e in f.epochs] if f.epochs else None,
+        occluder_size=f.occluder_size, occluder_stride=f.occluder_stride,
+        parts=parse_parts(f.parts), random_draws=f.random_draws, seed=f.seed)
+    written = commands.run(argv[1], config, f.checkpoint, options, f.out)
+  except errors.USER_ERRORS as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  for path in written:
+    print(path)
+  print(f'index: {f.out}/index.html', flush=True)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

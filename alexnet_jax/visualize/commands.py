@@ -1,0 +1,352 @@
+"""One function per analysis: compute (``analyses``), draw (``render``), write PNG + .npz + index.
+
+Each ``run_<analysis>(config, checkpoint, options, out_dir)`` returns the figure files it wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from alexnet_jax.visualize import analyses, render
+from alexnet_jax.visualize.loading import Images, Network, checkpoint_steps, load_images, load_network
+
+ANALYSES = ('filters', 'deconv', 'top9', 'evolution', 'invariance', 'occlusion', 'correspondence')
+
+
+@dataclasses.dataclass
+class Options:
+  images: str | None = None           # dataset (default) | skimage | files / folders
+  num_images: int | None = None       # default: per analysis
+  layers: list[str] | None = None     # default: per analysis
+  maps: list[int] | None = None       # top9 / evolution: these maps instead of random ones
+  num_maps: int = 9
+  top: int = 9                        # activations per map (top9), maps per image (deconv)
+  step: int | None = None             # checkpoint step (default: the latest)
+  epochs: list[float] | None = None   # evolution: the checkpoints' epochs to show (default: all)
+  occluder_size: int | None = None    # default: a fifth of the image
+  occluder_stride: int | None = None  # default: image size / 56 (4 at 224)
+  parts: dict | None = None           # correspondence: name → boxes (top, left, height, width)
+  random_draws: int = 10
+  seed: int = 0
+
+
+DEFAULT_IMAGES = dict(deconv=4, top9=256, evolution=256, invariance=4, occlusion=3, correspondence=5)
+
+
+def _images(net_config, options: Options, analysis: str) -> Images:
+  count = options.num_images or DEFAULT_IMAGES[analysis]
+  return load_images(net_config, options.images, count, options.seed)
+
+
+def _npz(out_dir: str, name: str, **arrays) -> str:
+  np.savez_compressed(os.path.join(out_dir, name), **arrays)
+  return name
+
+
+def _finish(out_dir, analysis, figures, data):
+  render.record(out_dir, analysis, figures, data)
+  return [os.path.join(out_dir, f) for f, _ in figures]
+
+
+def run(analysis: str, config, checkpoint: str, options: Options, out_dir: str) -> list[str]:
+  if analysis not in ANALYSES:
+    raise ValueError(f'unknown analysis {analysis!r}; choose one of {", ".join(ANALYSES)}')
+  os.makedirs(out_dir, exist_ok=True)
+  if analysis == 'evolution':
+    return run_evolution(config, checkpoint, options, out_dir)
+  net = load_network(config, checkpoint, options.step)
+  return globals()[f'run_{analysis}'](net, options, out_dir)
+
+
+def _where(net: Network) -> str:
+  epoch = '' if net.epoch is None else f', epoch {net.epoch:g}'
+  return f'{net.config.model.name} at step {net.step}{epoch}'
+
+
+# --- filters --------------------------------------------------------------------------------------
+
+def run_filters(net: Network, options: Options, out_dir: str) -> list[str]:
+  filters = analyses.first_layer_filters(net)
+  tiles = [render.zoom_to(render.filter_image(f), 33) for f in filters]
+  render.save_png(os.path.join(out_dir, 'filters.png'), render.square_grid(tiles, pad=2))
+  data = _npz(out_dir, 'filters.npz', filters=filters)
+  return _finish(out_dir, 'filters', [('filters.png', f'The {len(filters)} first-layer filters of '
+                                       f'{_where(net)}, each stretched to its own value range.')],
+                 [data])
+
+
+# --- deconv ---------------------------------------------------------------------------------------
+
+def run_deconv(net: Network, options: Options, out_dir: str) -> list[str]:
+  images = _images(net.config, options, 'deconv')
+  layers = analyses.check_layers(net, options.layers or analyses.spatial_layers(net))
+  result = analyses.strongest_maps(net, images.pixels, layers, options.top)
+  figures, arrays = [], {}
+  for layer, proj in result.items():
+    k = len(proj.maps) // len(images.pixels)
+    rows = []
+    for i, image in enumerate(images.pixels):
+      row = [image] + [render.projection_image(p) for p in proj.projections[i * k:(i + 1) * k]]
+      rows.append([render.zoom_to(t, 96) for t in row])
+    name = f'deconv_{layer}.png'
+    render.save_png(os.path.join(out_dir, name), render.grid(rows))
+    figures.append((name, f'{layer}: each image (left) and the deconvnet projections of its {k} '
+                          f'strongest {layer} maps\' strongest activations, strongest first '
+                          f'({_where(net)}; images: {", ".join(images.names)}).'))
+    arrays.update({f'{layer}/{k_}': v for k_, v in dataclasses.asdict(proj).items() if k_ != 'layer'})
+  data = _npz(out_dir, 'deconv.npz', images=images.pixels, **arrays)
+  return _finish(out_dir, 'deconv', figures, [data])
+
+
+# --- top9 -----------------------------------------------------------------------------------------
+
+def _crop_tiles(net: Network, proj: analyses.Projections, images: np.ndarray):
+  """Per entry the receptive-field crop of the projection and of the image, on equal canvases."""
+  extent = proj.boxes[:, 2:] - proj.boxes[:, :2] + 1
+  shape = tuple(int(x) for x in extent.max(axis=0))
+  s = net.image_size
+  projections, patches = [], []
+  for n, box in enumerate(proj.boxes):
+    projections.append(render.fit(render.projection_image(analyses.crop(proj.projections[n], box)),
+                                  box, s, shape))
+    patches.append(render.fit(analyses.crop(images[proj.images[n]], box), box, s, shape))
+  return projections, patches
+
+
+def _top_figure(net, proj, images, k):
+  projections, patches = _crop_tiles(net, proj, images)
+  side = int(np.ceil(np.sqrt(k)))
+  blocks = []
+  for m in range(len(proj.maps) // k):
+    left = render.square_grid(projections[m * k:(m + 1) * k], cols=side)
+    right = render.square_grid(patches[m * k:(m + 1) * k], cols=side)
+    blocks.append(render.grid([[left, right]], pad=1, background=200))
+  blocks = [render.zoom_to(b, 160) for b in blocks]
+  return render.square_grid(blocks, cols=min(3, len(blocks)), pad=6)
+
+
+def run_top9(net: Network, options: Options, out_dir: str) -> list[str]:
+  images = _images(net.config, options, 'top9')
+  layers = analyses.check_layers(net, options.layers or analyses.spatial_layers(net))
+  maps = analyses.choose_maps(net, layers, options.num_maps, options.seed, options.maps)
+  result = analyses.top_activations(net, images.pixels, maps, options.top)
+  figures, arrays = [], {}
+  for layer, proj in result.items():
+    name = f'top9_{layer}.png'
+    render.save_png(os.path.join(out_dir, name), _top_figure(net, proj, images.pixels, options.top))
+    figures.append((name, f'{layer}, maps {", ".join(map(str, maps[layer]))}: for each map the '
+                          f'{options.top} strongest activations over {len(images.pixels)} images, '
+                          'their deconvnet projections (left) beside the image patches of their '
+                          f'receptive fields (right) ({_where(net)}).'))
+    arrays.update({f'{layer}/{k}': v for k, v in dataclasses.asdict(proj).items()
+                   if k not in ('layer', 'projections')})
+  data = _npz(out_dir, 'top9.npz', **arrays)
+  return _finish(out_dir, 'top9', figures, [data])
+
+
+# --- evolution ------------------------------------------------------------------------------------
+
+def run_evolution(config, checkpoint: str, options: Options, out_dir: str) -> list[str]:
+  steps = checkpoint_steps(config, checkpoint)
+  nets = [load_network(config, checkpoint, s) for s in steps]
+  if options.epochs:
+    wanted = set(float(e) for e in options.epochs)
+    nets = [n for n in nets if n.epoch is not None and float(n.epoch) in wanted]
+    if not nets:
+      raise ValueError(f'no checkpoint at epochs {sorted(wanted)}; train with '
+                       '--config.checkpoint.keep_epochs listing them')
+  images = _images(config, options, 'evolution')
+  first = nets[0]
+  layers = analyses.check_layers(first, options.layers or analyses.spatial_layers(first))
+  maps = analyses.choose_maps(first, layers, options.num_maps, options.seed, options.maps)
+  columns = {layer: [] for layer in layers}
+  arrays = {}
+  for net in nets:
+    result = analyses.top_activations(net, images.pixels, maps, k=1)
+    for layer, proj in result.items():
+      projections, _ = _crop_tiles(net, proj, images.pixels)
+      columns[layer].append(projections)
+      arrays[f'step{net.step}/{layer}/values'] = proj.values
+      arrays[f'step{net.step}/{layer}/images'] = proj.images
+  labels = ', '.join(f'epoch {n.epoch:g}' if n.epoch is not None else f'step {n.step}' for n in nets)
+  figures = []
+  for layer in layers:
+    shape = max((t.shape for col in columns[layer] for t in col))
+    rows = [[render.zoom_to(_pad_to(col[m], shape), 64) for col in columns[layer]]
+            for m in range(len(maps[layer]))]
+    name = f'evolution_{layer}.png'
+    render.save_png(os.path.join(out_dir, name), render.grid(rows))
+    figures.append((name, f'{layer}, maps {", ".join(map(str, maps[layer]))} (rows): the strongest '
+                          f'activation over {len(images.pixels)} images projected to pixels, at '
+                          f'each checkpoint (columns: {labels}).'))
+  data = _npz(out_dir, 'evolution.npz', steps=np.array([n.step for n in nets]),
+              epochs=np.array([np.nan if n.epoch is None else n.epoch for n in nets]), **arrays)
+  return _finish(out_dir, 'evolution', figures, [data])
+
+
+def _pad_to(tile, shape):
+  out = np.full(shape, render.GREY, np.uint8)
+  out[:tile.shape[0], :tile.shape[1]] = tile
+  return out
+
+
+# --- invariance -----------------------------------------------------------------------------------
+
+def _default_invariance_layers(net):
+  names = list(analyses.all_layers(net))
+  return [names[0], names[-2]] if len(names) > 2 else names[:1]
+
+
+def run_invariance(net: Network, options: Options, out_dir: str) -> list[str]:
+  images = _images(net.config, options, 'invariance')
+  layers = analyses.check_layers(net, options.layers or _default_invariance_layers(net))
+  result = analyses.invariance(net, images.pixels, images.labels, layers)
+  plt = render.pyplot()
+  cols = len(layers) + 1
+  fig, axes = plt.subplots(len(result), cols, figsize=(4 * cols, 3.2 * len(result)), squeeze=False)
+  for r, (kind, res) in enumerate(result.items()):
+    x = res['values'] * (net.image_size if kind == 'translation' else 1)
+    xlabel = dict(translation='vertical shift (pixels)', scale='scale', rotation='rotation (°)')[kind]
+    for c, layer in enumerate(layers):
+      for i, d in enumerate(res['distance'][layer]):
+        axes[r, c].plot(x, d, 'o-', markersize=3, label=images.names[i])
+      axes[r, c].set_title(f'{layer}: distance to the original')
+    for i, p in enumerate(res['probability']):
+      axes[r, -1].plot(x, p, 'o-', markersize=3, label=images.names[i])
+    axes[r, -1].set_title('P(true class)')
+    axes[r, -1].set_ylim(0, 1)
+    for ax in axes[r]:
+      ax.set_xlabel(xlabel)
+      ax.grid(alpha=0.3)
+  axes[0, -1].legend(fontsize=7)
+  fig.tight_layout()
+  render.save_figure(fig, os.path.join(out_dir, 'invariance.png'))
+  arrays = {f'{kind}/values': res['values'] for kind, res in result.items()}
+  arrays.update({f'{kind}/probability': res['probability'] for kind, res in result.items()})
+  arrays.update({f'{kind}/distance/{l}': d for kind, res in result.items()
+                 for l, d in res['distance'].items()})
+  data = _npz(out_dir, 'invariance.npz', images=images.pixels, **arrays)
+  truth = 'labels' if images.labels is not None else 'the class predicted for the original image'
+  caption = (f'Invariance of {_where(net)} to vertical translation, scale and rotation (rows): '
+             f'Euclidean distance of the {", ".join(layers)} features to those of the untransformed '
+             f'image, and the probability of the true class ({truth}); one curve per image.')
+  return _finish(out_dir, 'invariance', [('invariance.png', caption)], [data])
+
+
+# --- occlusion ------------------------------------------------------------------------------------
+
+def run_occlusion(net: Network, options: Options, out_dir: str) -> list[str]:
+  images = _images(net.config, options, 'occlusion')
+  layer = analyses.check_layers(net, options.layers or analyses.spatial_layers(net)[-1:])[0]
+  s = net.image_size
+  size = options.occluder_size or max(1, s // 5)
+  stride = options.occluder_stride or max(1, s // 56)
+  plt = render.pyplot()
+  figures, arrays = [], {}
+  for i, image in enumerate(images.pixels):
+    label = None if images.labels is None else int(images.labels[i])
+    res = analyses.occlusion(net, image, label, layer, size, stride)
+    extent = (size / 2 - stride / 2, res['corners'][-1, 1] + size / 2 + stride / 2,
+              res['corners'][-1, 0] + size / 2 + stride / 2, size / 2 - stride / 2)
+    fig, axes = plt.subplots(1, 5, figsize=(20, 4.4))
+    shown = image.copy()
+    shown[:size, :size] = np.asarray(net.config.input.mean_rgb, np.uint8)
+    axes[0].imshow(shown)
+    axes[0].set_title(f'{images.names[i]}\ntrue: {images.class_name(res["true_class"])}')
+    for ax, key, title, cmap in ((axes[1], 'feature', f'total activation of {layer} map {res["map"]}',
+                                  'jet'),
+                                 (axes[3], 'probability', 'P(true class)', 'jet')):
+      ax.imshow(image)
+      im = ax.imshow(res[key], cmap=cmap, alpha=0.6, extent=extent, interpolation='nearest')
+      fig.colorbar(im, ax=ax, fraction=0.046)
+      ax.set_title(title)
+    axes[2].imshow(render.projection_image(res['projection']))
+    axes[2].set_title(f'projection of {layer} map {res["map"]}')
+    classes = np.unique(res['predicted'])
+    index = np.searchsorted(classes, res['predicted'])
+    axes[4].imshow(image)
+    cmap = plt.get_cmap('tab20', max(len(classes), 2))
+    axes[4].imshow(index, cmap=cmap, vmin=-0.5, vmax=max(len(classes), 2) - 0.5, alpha=0.6,
+                   extent=extent, interpolation='nearest')
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(j)) for j in range(len(classes))]
+    axes[4].legend(handles, [images.class_name(int(c)) for c in classes], fontsize=7,
+                   loc='upper left', bbox_to_anchor=(1, 1))
+    axes[4].set_title('most probable class')
+    for ax in axes:
+      ax.axis('off')
+    fig.tight_layout()
+    name = f'occlusion_{i}.png'
+    render.save_figure(fig, os.path.join(out_dir, name))
+    figures.append((name, f'Occlusion of {images.names[i]} by a grey {size}x{size} square with '
+                          f'stride {stride} (top-left: the square), {_where(net)}: each map value is '
+                          'measured with the square centred there.'))
+    arrays.update({f'{i}/{k}': np.asarray(v) for k, v in res.items()})
+  data = _npz(out_dir, 'occlusion.npz', images=images.pixels, **arrays)
+  return _finish(out_dir, 'occlusion', figures, [data])
+
+
+# --- correspondence -------------------------------------------------------------------------------
+
+def run_correspondence(net: Network, options: Options, out_dir: str) -> list[str]:
+  images = _images(net.config, options, 'correspondence')
+  names = list(analyses.all_layers(net))
+  spatial = analyses.spatial_layers(net)
+  layers = analyses.check_layers(net, options.layers or [spatial[-1], names[-2]])
+  s = net.image_size
+  parts = options.parts or {'centre': [s * 2 // 5, s * 2 // 5, s // 5, s // 5]}
+  table = analyses.correspondence(net, images.pixels, parts, layers, options.random_draws,
+                                  options.seed)
+  lines = ['| part | ' + ' | '.join(f'{l} Δ part | {l} Δ random' for l in layers) + ' |',
+           '|---|' + '---|---|' * len(layers)]
+  for part, row in table.items():
+    lines.append(f'| {part} | ' + ' | '.join(
+        f'{row[l]["part"]:.4f} | {row[l]["random_mean"]:.4f} ± {row[l]["random_std"]:.4f}'
+        for l in layers) + ' |')
+  with open(os.path.join(out_dir, 'correspondence.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  with open(os.path.join(out_dir, 'correspondence.json'), 'w') as f:
+    json.dump(dict(images=images.names, parts={k: np.asarray(v).tolist() for k, v in parts.items()},
+                   table=table), f, indent=1)
+  plt = render.pyplot()
+  fig, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.5), squeeze=False)
+  for ax, layer in zip(axes[0], layers):
+    x = np.arange(len(table))
+    ax.bar(x - 0.2, [row[layer]['part'] for row in table.values()], 0.4, label='part')
+    ax.bar(x + 0.2, [row[layer]['random_mean'] for row in table.values()], 0.4,
+           yerr=[row[layer]['random_std'] for row in table.values()], label='random')
+    ax.set_xticks(x, list(table))
+    ax.set_title(f'{layer}: Δ (lower = more consistent)')
+    ax.legend()
+  fig.tight_layout()
+  render.save_figure(fig, os.path.join(out_dir, 'correspondence.png'))
+  caption = (f'Correspondence ({_where(net)}, {len(images.pixels)} images): '
+             'Δ = Σ_{i≠j} Hamming(sign ε_i, sign ε_j) (fraction of features), ε the feature change '
+             f'when the part is occluded, against random boxes of the same size '
+             f'({options.random_draws} draws). Table: correspondence.md.')
+  return _finish(out_dir, 'correspondence', [('correspondence.png', caption)],
+                 ['correspondence.md', 'correspondence.json'])
+
+
+# --- during training ------------------------------------------------------------------------------
+
+def training_snapshot(net: Network, images: np.ndarray, out_dir: str, epoch: int,
+                      maps: int = 4) -> dict[str, np.ndarray]:
+  """The first-layer filters and the deconvnet projections of ``images``' strongest ``maps`` maps
+  of the last conv layer, written as ``filters_epochN.png`` / ``deconv_epochN.png``; returns the
+  pictures (for TensorBoard)."""
+  filters = analyses.first_layer_filters(net)
+  pictures = {'filters': render.square_grid(
+      [render.zoom_to(render.filter_image(f), 33) for f in filters], pad=2)}
+  layer = analyses.spatial_layers(net)[-1]
+  proj = analyses.strongest_maps(net, images, [layer], maps)[layer]
+  k = len(proj.maps) // len(images)
+  rows = [[images[i]] + [render.projection_image(p) for p in proj.projections[i * k:(i + 1) * k]]
+          for i in range(len(images))]
+  pictures[f'deconv_{layer}'] = render.grid([[render.zoom_to(t, 96) for t in row] for row in rows])
+  for name, picture in pictures.items():
+    render.save_png(os.path.join(out_dir, f'{name.split("_")[0]}_epoch{epoch}.png'), picture)
+  return pictures

@@ -1,0 +1,241 @@
+"""A trained network and images to look at it with: checkpoints, image sources, device batching.
+
+``load_network`` restores a checkpoint's parameters through the very program that trained them
+(``program.build_program``'s abstract state, so a checkpoint from any mesh restores), then
+replicates them over all local devices. ``Network.map_batches`` runs a jitted function over a
+leading batch axis split across those devices, with a progress bar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from alexnet_jax import checkpointing
+from alexnet_jax.visualize import deconvnet
+
+BATCH = 'batch'
+SKIMAGE_PHOTOS = ('chelsea', 'astronaut', 'coffee')
+
+
+def _mesh() -> jax.sharding.Mesh:
+  return jax.sharding.Mesh(np.array(jax.local_devices()), (BATCH,))
+
+
+@dataclasses.dataclass
+class Network:
+  """A network with parameters, ready to be analysed. Images given to it are uint8-valued NHWC."""
+  config: Any
+  apply: deconvnet.Apply
+  params: Any
+  step: int = 0
+  epoch: float | None = None
+  _jitted: dict = dataclasses.field(default_factory=dict, repr=False)
+  _functions: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def function(self, key, make):
+    """One function object per key, so that ``map_batches`` compiles it once."""
+    if key not in self._functions:
+      self._functions[key] = make()
+    return self._functions[key]
+
+  @property
+  def image_size(self) -> int:
+    return int(self.config.model.image_size)
+
+  def normalize(self, images: jax.Array) -> jax.Array:
+    mean = jnp.asarray(self.config.input.mean_rgb, jnp.float32)
+    std = jnp.asarray(self.config.input.std_rgb, jnp.float32)
+    return (jnp.asarray(images, jnp.float32) - mean) / std
+
+  @functools.cached_property
+  def _replicated(self):
+    return jax.device_put(self.params, NamedSharding(_mesh(), P()))
+
+  def map_batches(self, fn: Callable, *arrays, batch_size: int = 64, desc: str | None = None,
+                  shared: tuple = ()):
+    """``fn(params, *shared, *chunks)`` over the leading axis of ``arrays`` (all the same length),
+    each chunk split across the local devices, ``shared`` replicated on them; outputs (any pytree)
+    concatenated along axis 0."""
+    mesh = _mesh()
+    devices = mesh.devices.size
+    n = len(arrays[0])
+    batch_size = -(-min(batch_size, max(n, 1)) // devices) * devices
+    if fn not in self._jitted:  # the arguments' shardings split the batch across the devices
+      self._jitted[fn] = jax.jit(fn)
+    jitted = self._jitted[fn]
+    shared = jax.device_put(tuple(np.asarray(a) for a in shared), NamedSharding(mesh, P()))
+    outputs = []
+    starts = range(0, n, batch_size)
+    if desc is not None and len(starts) > 1:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      starts = tqdm(starts, desc=desc, unit='batch', leave=False)
+    for start in starts:
+      chunks = [np.asarray(a[start:start + batch_size]) for a in arrays]
+      real = len(chunks[0])
+      chunks = [np.concatenate([c, np.repeat(c[-1:], batch_size - real, axis=0)]) if real < batch_size
+                else c for c in chunks]
+      chunks = [jax.device_put(c, NamedSharding(mesh, P(BATCH))) for c in chunks]
+      out = jax.device_get(jitted(self._replicated, *shared, *chunks))
+      outputs.append(jax.tree.map(lambda x: x[:real], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+
+  def features(self, images: np.ndarray, *, desc: str | None = None, batch_size: int = 64):
+    """``(logits, {layer: untowered activations})`` as numpy arrays."""
+    apply, normalize = self.apply, self.normalize
+    fn = self.function('features', lambda: lambda params, x: deconvnet.features(
+        apply, params, normalize(x)))
+    return self.map_batches(fn, images, desc=desc, batch_size=batch_size)
+
+  def project(self, images: np.ndarray, layer: str, maps: np.ndarray,
+              positions: np.ndarray | None = None, *, desc: str | None = None):
+    """Deconvnet projections (see ``deconvnet.project``) of one activation per image."""
+    apply, normalize = self.apply, self.normalize
+    if positions is None:
+      fn = self.function(('strongest', layer), lambda: lambda params, x, m: deconvnet.project(
+          apply, params, normalize(x), layer, m))
+      return self.map_batches(fn, images, np.asarray(maps), desc=desc, batch_size=32)
+    fn = self.function(('project', layer), lambda: lambda params, x, m, p: deconvnet.project(
+        apply, params, normalize(x), layer, m, p))
+    return self.map_batches(fn, images, np.asarray(maps), np.asarray(positions), desc=desc,
+                            batch_size=32)
+
+  @property
+  def receptive_fields(self) -> dict[str, deconvnet.ReceptiveField]:
+    # They depend on the architecture only (NaN propagates through any weight): computed once.
+    key = (repr(sorted(dict(self.config.model).items())), self.image_size)
+    if key not in _RECEPTIVE_FIELDS:
+      _RECEPTIVE_FIELDS[key] = deconvnet.receptive_fields(self.apply, self._replicated,
+                                                          self.image_size)
+    return _RECEPTIVE_FIELDS[key]
+
+
+_RECEPTIVE_FIELDS: dict = {}
+
+
+# --- Checkpoints ----------------------------------------------------------------------------------
+
+def checkpoint_directory(path: str) -> str:
+  """A training workdir or its ``checkpoints`` folder → the folder holding the step directories."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    path = os.path.join(path, 'checkpoints')
+  if not os.path.isdir(path):
+    raise checkpointing.CheckpointError(f'no checkpoint directory at {path}: pass --checkpoint=the '
+                                        'training --workdir (or its checkpoints/ folder)')
+  return path
+
+
+def _manager(config, path: str):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  return ocp.CheckpointManager(checkpoint_directory(path), options=options,
+                               item_names=('state', 'data', 'meta'))
+
+
+def checkpoint_steps(config, path: str) -> list[int]:
+  with _manager(config, path) as manager:
+    steps = sorted(manager.all_steps())
+  if not steps:
+    raise checkpointing.CheckpointError(f'{checkpoint_directory(path)} holds no checkpoint: train '
+                                        'first (python -m alexnet_jax.main --workdir=...)')
+  return steps
+
+
+def load_network(config, path: str, step: int | None = None) -> Network:
+  """The network of ``config`` with the parameters of checkpoint ``step`` (default: the latest)."""
+  from alexnet_jax import program as program_lib  # pylint: disable=g-import-not-at-top
+  steps = checkpoint_steps(config, path)
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise checkpointing.CheckpointError(f'no checkpoint at step {step} in {checkpoint_directory(path)}'
+                                        f'; it holds steps {", ".join(map(str, steps))}')
+  prog = program_lib.build_program(config, steps_per_epoch=1)
+  with _manager(config, path) as manager:
+    restored = checkpointing.restore(manager, step, prog.abstract_state, None)
+  params = jax.device_get(restored.state.params)
+  return Network(config=config, apply=deconvnet.make_apply(prog.graphdef), params=params,
+                 step=step, epoch=restored.meta.get('epoch'))
+
+
+# --- Images ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Images:
+  pixels: np.ndarray                  # uint8 (N, S, S, 3)
+  labels: np.ndarray | None           # int (N,), or None when the images carry no labels
+  names: list[str]
+  class_names: Sequence[str] = ()
+
+  def class_name(self, c: int) -> str:
+    return self.class_names[c] if 0 <= c < len(self.class_names) else f'class {c}'
+
+
+def centre_square(image: np.ndarray, size: int) -> np.ndarray:
+  """Rescale the shorter side to ``size`` and keep the central square (the eval recipe)."""
+  h, w = image.shape[:2]
+  scale = size / min(h, w)
+  nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+  image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+  top, left = (nh - size) // 2, (nw - size) // 2
+  return image[top:top + size, left:left + size]
+
+
+def _read_file(path: str) -> np.ndarray:
+  try:
+    with Image.open(path) as img:
+      return np.asarray(img.convert('RGB'))
+  except (OSError, ValueError) as e:
+    raise ValueError(f'cannot read image {path}: {e}') from None
+
+
+def load_images(config, spec: str | None, count: int, seed: int = 0) -> Images:
+  """Images at the network's input size.
+
+  ``spec``: ``None`` or ``'dataset'`` — ``count`` images of the config's evaluation split (centre
+  crops, with labels); ``'skimage'`` — scikit-image's photographs; otherwise comma-separated image
+  files or folders of them.
+  """
+  size = int(config.model.image_size)
+  if spec in (None, '', 'dataset'):
+    from alexnet_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+    source = sources.open_source(config.dataset, config.dataset.eval_split)
+    n = min(count, len(source))
+    indices = np.sort(np.random.default_rng(seed).choice(len(source), n, replace=False))
+    crop = pipeline.EvalTransform(size)
+    items = [crop.map(source[int(i)]) for i in indices]
+    return Images(pixels=np.stack([x['image'] for x in items]),
+                  labels=np.array([int(x['label']) for x in items]),
+                  names=[f'{config.dataset.eval_split}[{i}]' for i in indices],
+                  class_names=tuple(source.class_names))
+  if spec == 'skimage':
+    try:
+      import skimage.data  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ValueError('--images=skimage needs scikit-image: pip install scikit-image') from None
+    photos = [(name, getattr(skimage.data, name)()) for name in SKIMAGE_PHOTOS][:max(count, 1)]
+    return Images(pixels=np.stack([centre_square(p, size) for _, p in photos]), labels=None,
+                  names=[name for name, _ in photos])
+  paths = []
+  for part in spec.split(','):
+    part = os.path.expanduser(part.strip())
+    if os.path.isdir(part):
+      paths += sorted(os.path.join(part, f) for f in os.listdir(part)
+                      if f.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')))
+    elif os.path.isfile(part):
+      paths.append(part)
+    else:
+      raise ValueError(f'--images: {part!r} is neither dataset, skimage, an image file nor a folder')
+  if not paths:
+    raise ValueError(f'--images={spec!r} names no image files')
+  return Images(pixels=np.stack([centre_square(_read_file(p), size) for p in paths]), labels=None,
+                names=[os.path.basename(p) for p in paths])
