@@ -33,8 +33,9 @@ def _time_steps(step, state, batch, steps: int, warmup: int):
   return state, (time.perf_counter() - start) / steps
 
 
-def bare_step(graphdef, config, dtype):
-  """The same network trained with nothing around ``jax.jit``: one device, full logits."""
+def bare_step(graphdef, config, dtype, batch_stats=None):
+  """The same network trained with nothing around ``jax.jit``: one device, full logits (batch norm
+  normalises with the batch's moments; its running averages are not carried)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -47,9 +48,12 @@ def bare_step(graphdef, config, dtype):
     images = normalize(batch['image'], config.input.mean_rgb, config.input.std_rgb, dtype)
 
     def loss_fn(p):
-      logits = nnx.merge(graphdef, p)(images, train=True, dropout_key=key)
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits.astype(jnp.float32), batch['label']).mean()
+      model = nnx.merge(graphdef, p, batch_stats or {})
+      out = model(images, train=True, dropout_key=key)
+      logits, aux = out if isinstance(out, tuple) else (out, ())  # GoogLeNet's auxiliary heads
+      ce = lambda l: optax.softmax_cross_entropy_with_integer_labels(
+          l.astype(jnp.float32), batch['label']).mean()
+      return ce(logits) + sum(getattr(model, 'aux_loss_weight', 0.0) * ce(a) for a in aux)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     velocity = jax.tree.map(lambda v, g, w: mu * v - lr * (g + wd * w), velocity, grads, params)
@@ -78,7 +82,7 @@ def measure(config, *, batch_size: int, steps: int, warmup: int, repeats: int) -
   flops *= prog.mesh.size  # cost_analysis counts one device's program
 
   dtype = program.COMPUTE_DTYPES[config.compute_dtype]
-  bare = bare_step(prog.graphdef, config, dtype)
+  bare = bare_step(prog.graphdef, config, dtype, jax.device_get(state.batch_stats))
   device = prog.mesh.devices.flat[0]
   params = jax.device_put(jax.device_get(state.params), device)
   bare_state = (params, jax.tree.map(jnp.zeros_like, params), jax.random.PRNGKey(0))

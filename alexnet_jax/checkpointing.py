@@ -35,7 +35,10 @@ class Restored:
 
 
 def _state_dict(state) -> dict:
-  return dict(step=state.step, params=state.params, opt_state=state.opt_state, rng=state.rng)
+  d = dict(step=state.step, params=state.params, opt_state=state.opt_state, rng=state.rng)
+  if state.batch_stats:  # batch norm's running averages (models without BN have none)
+    d['batch_stats'] = state.batch_stats
+  return d
 
 
 def make_manager(directory: str, checkpoint_cfg, steps_per_epoch: int | None = None

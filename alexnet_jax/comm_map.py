@@ -1,6 +1,7 @@
 """Which layers make devices talk: the cross-device collectives of the compiled training step.
 
     python -m alexnet_jax.comm_map --config=configs/two_gpu.py [--json]
+    python -m alexnet_jax.comm_map --config=configs/owt.py --compare   # three placements, 8 devices
 
 Compiles the real training step for the configured mesh (``jax.jit(...).lower(...).compile()``, no
 data, no training) and lists every collective in the optimised HLO with the layer whose
@@ -133,7 +134,7 @@ def summarize(colls: list[Collective]) -> list[dict]:
   return list(rows.values())
 
 
-def compiled_train_step_hlo(config) -> tuple[str, dict[str, int]]:
+def compiled_train_step_hlo(config, compiler_options=None) -> tuple[str, dict[str, int]]:
   """The optimised HLO of the configured training step, and the mesh shape it was compiled for."""
   import jax  # pylint: disable=g-import-not-at-top
   from alexnet_jax import program, sharding  # pylint: disable=g-import-not-at-top
@@ -143,7 +144,7 @@ def compiled_train_step_hlo(config) -> tuple[str, dict[str, int]]:
                                                    sharding=sharding.batch_sharding(prog.mesh))
   batch = dict(image=spec((config.batch_size, image, image, 3), np.uint8),
                label=spec((config.batch_size,), np.int32))
-  hlo = prog.train_step.lower(prog.abstract_state, batch).compile().as_text()
+  hlo = prog.train_step.lower(prog.abstract_state, batch).compile(compiler_options).as_text()
   return hlo, dict(prog.mesh.shape)
 
 
@@ -161,10 +162,47 @@ def format_table(rows: list[dict], mesh_shape: dict[str, int]) -> str:
   return '\n'.join(lines)
 
 
+def compare_parallelism(config, devices: int = 8, compiler_options=None) -> list[dict]:
+  """Bytes communicated per training step by AlexNet (``config``'s sizes and batch) under three
+  placements over the same ``devices``: pure data parallelism (one dense tower, mesh N × 1), the
+  paper's two towers × data (N/2 × 2), and the "one weird trick" hybrid (1 × N: data-parallel
+  convolutions, fc layers split over all N)."""
+  schemes = [('data parallel', dict(towers=1, hybrid=False), (devices, 1)),
+             ('two towers x data', dict(towers=2, hybrid=False), (devices // 2, 2)),
+             ('hybrid (one weird trick)', dict(towers=devices, hybrid=True), (1, devices))]
+  rows = []
+  for label, model, (data, model_axis) in schemes:
+    c = config.copy_and_resolve_references()
+    c.model.update(model)
+    c.mesh.update(data=data, model=model_axis)
+    hlo, mesh_shape = compiled_train_step_hlo(c, compiler_options)
+    colls = parse_collectives(hlo, mesh_shape)
+    per_device = sum(x.bytes for x in colls)
+    activations = sum(x.bytes for x in colls if x.layer in SCOPES[:8] and x.kind != 'all-reduce')
+    rows.append(dict(scheme=label, mesh=f'{data} x {model_axis}', bytes_per_device=per_device,
+                     activation_bytes_per_device=activations,
+                     bytes_per_step=per_device * data * model_axis))
+  return rows
+
+
+def format_comparison(rows: list[dict], config) -> str:
+  lines = [f'AlexNet {config.model.image_size}x{config.model.image_size}, width '
+           f'{config.model.width}, batch {config.batch_size}: bytes communicated per training step',
+           f'{"scheme":<26}{"mesh":<8}{"per device":>16}{"activations":>16}{"all devices":>18}']
+  for r in rows:
+    lines.append(f'{r["scheme"]:<26}{r["mesh"]:<8}{r["bytes_per_device"]:>16,}'
+                 f'{r["activation_bytes_per_device"]:>16,}{r["bytes_per_step"]:>18,}')
+  return '\n'.join(lines)
+
+
 def main(argv):
   del argv
   config = cli.config_or_usage_error()
   distributed.initialize(config)
+  if flags.FLAGS.compare:
+    rows = compare_parallelism(config)
+    print(json.dumps(rows, indent=1) if flags.FLAGS.json else format_comparison(rows, config))
+    return
   hlo, mesh_shape = compiled_train_step_hlo(config)
   rows = summarize(parse_collectives(hlo, mesh_shape))
   if flags.FLAGS.json:
@@ -175,4 +213,6 @@ def main(argv):
 
 if __name__ == '__main__':
   cli.define_tool_flags()
+  flags.DEFINE_bool('compare', False, 'Compare the bytes per step of data parallelism, two towers x '
+                    'data, and the one-weird-trick hybrid for the configured AlexNet on 8 devices.')
   app.run(main)

@@ -18,7 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       name='alexnet', towers=2, num_classes=1000, image_size=227, width=1.0, lrn=True,
-      lrn_alpha_divided_by_n=False, dropout=0.5, weight_std=0.01))
+      lrn_alpha_divided_by_n=False, dropout=0.5, weight_std=0.01, hybrid=False))
 
   # data x model devices; data=-1 takes every device left. The model axis carries the towers.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=2))
@@ -52,7 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
       learning_rate=0.01, momentum=0.9, weight_decay=0.0005, decay_biases=True,
       schedule='plateau',                       # plateau | step | cosine
       plateau_factor=0.1, plateau_patience=1, plateau_threshold=1e-3, max_drops=3,
-      step_epochs=(30, 60, 80), step_factor=0.1, warmup_epochs=0))
+      step_epochs=(30, 60, 80), step_factor=0.1, warmup_epochs=0,
+      # > 0: after every update, rescale each conv filter whose RMS exceeds this (ZFNet: 0.1).
+      filter_rms_clip=0.0))
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1

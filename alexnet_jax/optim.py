@@ -49,14 +49,42 @@ def _decay_mask(decay_biases: bool):
   return mask
 
 
+def clip_filter_rms(max_rms: float = 0.1) -> optax.GradientTransformation:
+  """Zeiler & Fergus's feature-scale clipping: after the update, every convolution filter whose RMS
+  exceeds ``max_rms`` is rescaled to RMS ``max_rms``; the others are left exactly as they are.
+
+  A filter is one output map's kernel: the ``(kh, kw, in)`` slice of a kernel shaped
+  ``(towers, kh, kw, in, out)`` for one tower and one output map. Written as an update transform
+  (the last of the chain), it returns the update that moves the parameters onto the clipped value.
+  """
+
+  def clip_update(update, param):
+    if param.ndim != 5:  # not a convolution kernel
+      return update
+    new = param + update
+    rms = jnp.sqrt(jnp.mean(jnp.square(new), axis=(1, 2, 3), keepdims=True))
+    factor = jnp.where(rms > max_rms, max_rms / jnp.maximum(rms, 1e-30), 1.0)
+    return jnp.where(rms > max_rms, new * factor - param, update)
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError('clip_filter_rms needs the parameters: call update(updates, state, params)')
+    return jax.tree.map(clip_update, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(optim_cfg, steps_per_epoch: int, num_epochs: float) -> optax.GradientTransformation:
   """optax chain of the paper's update with an injected, checkpointed learning rate."""
+
+  max_rms = float(optim_cfg.get('filter_rms_clip', 0.0) or 0.0)
 
   def paper_sgd(learning_rate, lr_scale, momentum, weight_decay):
     return optax.chain(
         optax.add_decayed_weights(weight_decay, mask=_decay_mask(optim_cfg.decay_biases)),
         optax.scale(-learning_rate * lr_scale),
         optax.trace(decay=momentum, nesterov=False),
+        *([clip_filter_rms(max_rms)] if max_rms > 0 else []),
     )
 
   return optax.inject_hyperparams(paper_sgd)(

@@ -42,9 +42,9 @@ class Program:
 
 
 def _model_and_params(config, seed: int):
+  """The graph definition, parameters and batch-norm statistics of a freshly initialised model."""
   model = create_model(config.model, nnx.Rngs(seed))
-  graphdef, params = nnx.split(model, nnx.Param)
-  return graphdef, params
+  return nnx.split(model, nnx.Param, nnx.BatchStat)
 
 
 def _opt_state_specs(tx, abstract_params, param_specs):
@@ -90,18 +90,20 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
   dtype = COMPUTE_DTYPES[config.compute_dtype]
   tx = optim.make_optimizer(config.optim, steps_per_epoch, config.num_epochs)
 
-  graphdef, abstract_vars = _abstract_model(config)
+  graphdef, abstract_vars, abstract_stats = _abstract_model(config)
   param_specs = sharding.param_specs(abstract_vars)
+  stats_specs = sharding.param_specs(abstract_stats)
   abstract_params = nnx.to_pure_dict(abstract_vars)
   state_specs = TrainState(step=P(), params=param_specs,
-                           opt_state=_opt_state_specs(tx, abstract_params, param_specs), rng=P())
+                           opt_state=_opt_state_specs(tx, abstract_params, param_specs), rng=P(),
+                           batch_stats=stats_specs)
   state_shardings = sharding.named(state_specs, mesh)
 
   def init_fn():
-    _, params = _model_and_params(config, config.seed)
+    _, params, stats = _model_and_params(config, config.seed)
     params = nnx.to_pure_dict(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(config.seed + 1))
+                      rng=jax.random.PRNGKey(config.seed + 1), batch_stats=nnx.to_pure_dict(stats))
 
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 jax.eval_shape(init_fn), state_shardings)
@@ -114,7 +116,7 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
   train = sharding.shard_step(steps.make_train_step(graphdef, tx, ctx, **norm), mesh,
                               in_specs=(state_specs, batch_specs), out_specs=(state_specs, P()))
   evaluate = sharding.shard_step(steps.make_eval_step(graphdef, ctx, **norm), mesh,
-                                 in_specs=(param_specs, batch_specs), out_specs=P())
+                                 in_specs=(param_specs, stats_specs, batch_specs), out_specs=P())
   return Program(
       config=config, mesh=mesh, graphdef=graphdef, tx=tx, state_specs=state_specs,
       state_shardings=state_shardings, abstract_state=abstract_state,
@@ -124,6 +126,7 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
 
 
 def _abstract_model(config):
-  """The graph definition and abstract parameters (with their metadata), without allocating."""
+  """The graph definition, abstract parameters and batch-norm statistics (with their metadata),
+  without allocating."""
   model = nnx.eval_shape(lambda: create_model(config.model, nnx.Rngs(0)))
-  return nnx.split(model, nnx.Param)
+  return nnx.split(model, nnx.Param, nnx.BatchStat)

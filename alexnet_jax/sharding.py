@@ -7,7 +7,11 @@ cross-device transfer is one that this module's ``MeshContext`` performs explici
 
 * ``gather`` — the towers' maps, all-gathered over ``model`` (conv3, fc6, fc7, fc8 only; the backward
   pass is its reduce-scatter);
+* ``own_examples`` / ``all_examples`` — the hybrid AlexNet's switch from data to model parallelism:
+  each model-axis device convolves its share of the batch, and the shares are all-gathered before
+  fc6 (backward: reduce-scattered);
 * ``tower_sum`` / ``tower_max`` — the softmax denominator of logits split over the towers (the loss);
+* ``data_mean`` — batch norm's per-device moments averaged over ``data`` (global-batch statistics);
 * ``data_sum`` — metrics summed over ``data``; parameter gradients are summed over ``data`` by the
   transpose of the replication of parameters into the per-device program.
 """
@@ -116,6 +120,20 @@ class MeshContext:
     x = jnp.concatenate(list(x), axis=-1)
     return jax.lax.all_gather(x, self.model_axis, axis=x.ndim - 1, tiled=True)
 
+  def own_examples(self, x: jax.Array) -> jax.Array:
+    """This device's share of a batch that all devices of the model axis hold (no transfer)."""
+    devices = jax.lax.axis_size(self.model_axis)
+    if x.shape[0] % devices:
+      raise MeshError(f'the per-data-shard batch of {x.shape[0]} does not split over the '
+                      f'{devices} devices of the model axis; use a batch_size divisible by '
+                      f'mesh.data x mesh.model')
+    share = x.shape[0] // devices
+    return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(self.model_axis) * share, share)
+
+  def all_examples(self, x: jax.Array) -> jax.Array:
+    """The model axis' batch shares gathered back into the data shard's batch."""
+    return jax.lax.all_gather(x, self.model_axis, axis=0, tiled=True)
+
   def first_tower(self, local_towers: int) -> jax.Array:
     """Global index of this device's first tower."""
     return jax.lax.axis_index(self.model_axis) * local_towers
@@ -128,6 +146,10 @@ class MeshContext:
 
   def data_sum(self, x: Any) -> Any:
     return jax.lax.psum(x, self.data_axis)
+
+  def data_mean(self, x: jax.Array) -> jax.Array:
+    """Per-shard statistics averaged over the data shards (batch norm's global-batch moments)."""
+    return jax.lax.pmean(x, self.data_axis)
 
   def device_key(self, key: jax.Array) -> jax.Array:
     """A key of its own for each device (dropout masks differ across examples and towers)."""

@@ -23,6 +23,8 @@ class TrainState:
   params: Any              # pure dict of arrays
   opt_state: Any
   rng: jax.Array           # raw uint32 key; dropout keys are folded from it and the step
+  # Running averages of batch norm (``nnx.BatchStat``), a pure dict; empty for models without BN.
+  batch_stats: Any = struct.field(default_factory=dict)
 
 
 def normalize(images: jax.Array, mean_rgb, std_rgb, dtype, *, mean_image=None, crop=None,
@@ -130,14 +132,26 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ct
     dropout_key = ctx.device_key(jax.random.fold_in(state.rng, state.step))
 
     def loss_fn(params):
-      model = nnx.merge(graphdef, params)
-      logits = model(images, train=True, dropout_key=dropout_key, exchange=ctx, gather_logits=False)
+      model = nnx.merge(graphdef, params, state.batch_stats)
+      out = model(images, train=True, dropout_key=dropout_key, exchange=ctx, gather_logits=False)
+      # Models with auxiliary classifiers (GoogLeNet) return their logits too, to be weighted in.
+      aux_weight = getattr(model, 'aux_loss_weight', 0.0)
+      logits, aux_logits = out if aux_weight else (out, ())
+      has_aux.append(bool(aux_logits))
       ce, rank = tower_split_cross_entropy(logits, labels, ctx)
-      return jnp.sum(ce) / global_batch, rank
+      loss = jnp.sum(ce) / global_batch
+      objective = loss
+      for aux in aux_logits:
+        aux_ce, _ = tower_split_cross_entropy(aux, labels, ctx)
+        objective += aux_weight * jnp.sum(aux_ce) / global_batch
+      batch_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+      return objective, (loss, rank, batch_stats)
 
     # Parameters are replicated over the data axis, so the gradient of this device's share of the
     # mean loss arrives already summed over the data axis (the transpose of that replication).
-    (loss, rank), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    has_aux = []  # set while tracing the model
+    (objective, (loss, rank, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
     with jax.named_scope('optimizer'):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
@@ -146,8 +160,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ct
       metrics = ctx.data_sum(dict(
           loss=loss, top1_error=jnp.sum(rank >= 1) / global_batch,
           top5_error=jnp.sum(rank >= 5) / global_batch))
+      if has_aux[0]:
+        metrics['objective'] = ctx.data_sum(objective)  # the loss plus the weighted auxiliary losses
       metrics['learning_rate'] = hp['learning_rate'] * hp['lr_scale']
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              batch_stats=batch_stats)
     return new_state, metrics
 
   return train_step
@@ -155,13 +172,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ct
 
 def make_eval_step(graphdef: nnx.GraphDef, ctx: MeshContext, *, mean_rgb, std_rgb,
                    compute_dtype=jnp.float32, mean_image=None, pca_basis=None) -> Callable:
-  """``(params, batch) → sums`` of loss, top-1 / top-5 mistakes and examples over the global batch;
-  ``batch['mask']`` marks the padding of a last, partial batch. Images ``(batch, views, H, W, 3)``
-  (the paper's 10 views) are classified by their softmax averaged over the views."""
+  """``(params, batch_stats, batch) → sums`` of loss, top-1 / top-5 mistakes and examples over the
+  global batch; ``batch['mask']`` marks the padding of a last, partial batch. Batch norm uses the
+  running averages ``batch_stats``; auxiliary classifiers are not run. Images
+  ``(batch, views, H, W, 3)`` (the paper's 10 views) are classified by their softmax averaged over
+  the views."""
   del pca_basis  # colour shifts are a training augmentation
   norm = dict(mean_rgb=mean_rgb, std_rgb=std_rgb, mean_image=mean_image)
 
-  def eval_step(params, batch: dict[str, jax.Array]):
+  def eval_step(params, batch_stats, batch: dict[str, jax.Array]):
     views = batch['image'].shape[1] if batch['image'].ndim == 5 else 1
     if views > 1:  # fold the views into the batch: views of one example stay adjacent
       batch = dict(batch, image=batch['image'].reshape(-1, *batch['image'].shape[2:]))
@@ -169,7 +188,7 @@ def make_eval_step(graphdef: nnx.GraphDef, ctx: MeshContext, *, mean_rgb, std_rg
         batch['crop'] = batch['crop'].reshape(-1, 3)
     images = _normalize_batch(batch, norm, compute_dtype, train=False)
     mask = batch['mask'].astype(jnp.float32)
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, params, batch_stats)
     logits = model(images, train=False, exchange=ctx, gather_logits=False)
     if views > 1:
       ce, rank = tower_split_view_average(logits, batch['label'], ctx, views)

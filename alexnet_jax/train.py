@@ -14,11 +14,12 @@ from alexnet_jax import checkpointing, metrics as metrics_lib, optim, program as
 from alexnet_jax.data import pipeline, sources, statistics
 
 
-def evaluate(prog: program_lib.Program, params, eval_ds) -> dict[str, float]:
-  """Loss and top-1 / top-5 error over one pass of ``eval_ds`` (its views, padded batches)."""
+def evaluate(prog: program_lib.Program, state, eval_ds) -> dict[str, float]:
+  """Loss and top-1 / top-5 error of ``state``'s parameters (and batch-norm statistics) over one
+  pass of ``eval_ds`` (its views, padded batches)."""
   totals = None
   for batch in eval_ds:
-    out = prog.eval_step(params, sharding.put_batch(batch, prog.mesh))
+    out = prog.eval_step(state.params, state.batch_stats, sharding.put_batch(batch, prog.mesh))
     totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
   totals = jax.device_get(totals)
   n = max(float(totals['count']), 1.0)
@@ -140,7 +141,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       epoch_done = step // steps_per_epoch
       last = step == total_steps
       if epoch_done % config.eval_every_epochs == 0 or last:
-        val = evaluate(prog, state.params, eval_ds)
+        val = evaluate(prog, state, eval_ds)
         logging.info('epoch %d  validation: loss %.4f  top-1 error %.4f  top-5 error %.4f',
                      epoch_done, val['loss'], val['top1_error'], val['top5_error'])
         writer.write(step, 'val', dict(epoch=epoch_done, **val))
@@ -165,7 +166,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   manager.close()
   writer.close()
   if not val:
-    val = evaluate(prog, state.params, eval_ds)
+    val = evaluate(prog, state, eval_ds)
   if jax.process_index() == 0:
     metrics_lib.plot_training_curves(workdir)
   return val

@@ -179,8 +179,9 @@ def test_ten_view_evaluation_is_the_average_of_single_view_predictions(view_prog
                        for i in range(6)])
   host = next(iter(pipeline.eval_dataset(source, global_batch_size=8, crop_size=crop,
                                          views='ten')))
-  params = prog.init_state().params
-  out = jax.device_get(prog.eval_step(params, sharding.put_batch(host, prog.mesh)))
+  state = prog.init_state()
+  params = state.params
+  out = jax.device_get(prog.eval_step(params, state.batch_stats, sharding.put_batch(host, prog.mesh)))
 
   # Reference: each view alone through the plain model on one device (full logits), then the
   # softmax averaged in NumPy.

@@ -7,14 +7,22 @@ from typing import Callable
 from flax import nnx
 
 from alexnet_jax.models.alexnet import AlexNet, AlexNetSpec
+from alexnet_jax.models.googlenet import GoogLeNet, GoogLeNetSpec
+from alexnet_jax.models.resnet import ResNet, ResNetSpec
+from alexnet_jax.models.vgg import VGG, VGGSpec
+from alexnet_jax.models.zfnet import ZFNet, ZFNetSpec
 
 
-def _alexnet(fields: dict, rngs: nnx.Rngs) -> nnx.Module:
-  return AlexNet(AlexNetSpec(**fields), rngs=rngs)
+def _builder(model_cls, spec_cls) -> Callable[[dict, nnx.Rngs], nnx.Module]:
+  return lambda fields, rngs: model_cls(spec_cls(**fields), rngs=rngs)
 
 
 REGISTRY: dict[str, Callable[[dict, nnx.Rngs], nnx.Module]] = {
-    'alexnet': _alexnet,
+    'alexnet': _builder(AlexNet, AlexNetSpec),
+    'zfnet': _builder(ZFNet, ZFNetSpec),
+    'vgg': _builder(VGG, VGGSpec),
+    'googlenet': _builder(GoogLeNet, GoogLeNetSpec),
+    'resnet': _builder(ResNet, ResNetSpec),
 }
 
 

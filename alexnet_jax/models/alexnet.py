@@ -13,6 +13,11 @@
 
 With ``towers=1`` the same widths form the dense one-tower network. Input 227 (the paper's "224" only
 gives its 55×55 first layer with 227). ``width`` scales every layer for small demos and tests.
+
+``hybrid=True`` is Krizhevsky's "one weird trick" (2014): the convolutional layers are the dense
+one-tower network, replicated, each tower computing them for its own share of the examples (data
+parallelism); before fc6 the towers exchange their examples' features and from there on every tower
+computes its ``1/towers`` of the fc neurons for all examples (model parallelism).
 """
 
 from __future__ import annotations
@@ -43,11 +48,17 @@ class AlexNetSpec:
   # 'paper': N(0, weight_std) and the paper's biases. 'he': N(0, 2/fan_in), for scaled-down nets,
   # whose small fan-ins make the paper's fixed 0.01 train very slowly.
   init: str = 'paper'
+  # "One weird trick": data-parallel convolutions, fc layers split into ``towers`` parts.
+  hybrid: bool = False
 
   def widths(self) -> dict[str, int]:
     """Layer widths scaled by ``width``, each a multiple of the tower count."""
     t = self.towers
-    return {name: max(t, int(round(w * self.width / t)) * t) for name, w in PAPER_WIDTHS.items()}
+    widths = {name: max(t, int(round(w * self.width / t)) * t) for name, w in PAPER_WIDTHS.items()}
+    if self.hybrid:  # the convolutions are one tower
+      widths.update({n: max(1, int(round(w * self.width))) for n, w in PAPER_WIDTHS.items()
+                     if n.startswith('conv')})
+    return widths
 
   def map_sizes(self) -> dict[str, int]:
     """Spatial size of each layer's output maps, before pooling."""
@@ -78,18 +89,21 @@ class AlexNet(nnx.Module):
     w, t = spec.widths(), spec.towers
     std = spec.weight_std if spec.init == 'paper' else None
     one = 1.0 if spec.init == 'paper' else 0.0  # the paper's unit biases on conv2, 4, 5, fc6, 7
+    # Hybrid: one replicated tower of convolutions (conv3 then reads "all" of its only tower).
+    conv_towers = dict(towers=1, tower_axis=None) if spec.hybrid else dict(towers=t)
     conv = lambda cin, cout, k, reads, stride=1, pad=0, bias=0.0: TowerConv(
-        cin, cout, k, towers=t, reads=reads, stride=stride, padding=pad, weight_std=std,
-        bias_init=bias, rngs=rngs)
+        cin, cout, k, reads=reads, stride=stride, padding=pad, weight_std=std, bias_init=bias,
+        rngs=rngs, **conv_towers)
     self.conv1 = conv(3, w['conv1'], 11, 'input', stride=4)
     self.conv2 = conv(w['conv1'], w['conv2'], 5, 'own', pad=2, bias=one)
-    self.conv3 = conv(w['conv2'], w['conv3'], 3, 'all', pad=1)
+    self.conv3 = conv(w['conv2'], w['conv3'], 3, 'own' if spec.hybrid else 'all', pad=1)
     self.conv4 = conv(w['conv3'], w['conv4'], 3, 'own', pad=1, bias=one)
     self.conv5 = conv(w['conv4'], w['conv5'], 3, 'own', pad=1, bias=one)
     flat = spec.map_sizes()['pool5'] ** 2 * w['conv5']
     dense = lambda cin, cout, bias: TowerDense(cin, cout, towers=t, weight_std=std, bias_init=bias,
                                                 rngs=rngs)
-    self.fc6 = dense(flat, w['fc6'], one)
+    self.fc6 = TowerDense(flat, w['fc6'], towers=t, reads='input' if spec.hybrid else 'all',
+                          weight_std=std, bias_init=one, rngs=rngs)
     self.fc7 = dense(w['fc6'], w['fc7'], one)
     self.fc8 = dense(w['fc7'], spec.num_classes, 0.0)
 
@@ -115,6 +129,8 @@ class AlexNet(nnx.Module):
     relu = layers.relu_for(deconv)
     lrn = layers.normalize_for(self._lrn, deconv)
     with jax.named_scope('conv1'):
+      if self.spec.hybrid:  # this tower's share of the examples
+        images = exchange.own_examples(images)
       x = relu(self.conv1(images))
       keep('conv1', x)
       x = layers.max_pool(lrn(x))
@@ -136,6 +152,8 @@ class AlexNet(nnx.Module):
     keys = (None, None) if not train or dropout_key is None else jax.random.split(dropout_key)
     rate = self.spec.dropout if train else 0.0
     with jax.named_scope('fc6'):
+      if self.spec.hybrid:  # batch-split → neuron-split: every tower gets all examples' features
+        x = exchange.all_examples(x[0])
       x = layers.dropout(relu(self.fc6(x, exchange)), rate, keys[0])
       keep('fc6', x)
     with jax.named_scope('fc7'):

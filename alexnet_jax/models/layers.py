@@ -32,15 +32,41 @@ class TowerExchange(Protocol):
     """``(local_towers, *dims, c)`` → ``(*dims, towers * c)``: all towers' maps, tower-major."""
     ...
 
+  def data_mean(self, x: jax.Array) -> jax.Array:
+    """The mean of per-shard statistics over all shards of the batch (batch norm)."""
+    ...
+
+  def own_examples(self, x: jax.Array) -> jax.Array:
+    """This tower's share of a batch that every tower holds (hybrid parallelism's conv layers)."""
+    ...
+
+  def all_examples(self, x: jax.Array) -> jax.Array:
+    """The towers' batch shares joined again, batch-major (the switch to model parallelism)."""
+    ...
+
 
 class LocalTowers:
-  """All towers are in the array at hand: gathering them is a concatenation."""
+  """All towers are in the array at hand: gathering them is a concatenation; the whole batch is
+  here too, so batch statistics and batch shares are those of the array itself."""
 
   def gather(self, x: jax.Array) -> jax.Array:
     return jnp.concatenate(list(x), axis=-1)
 
+  def data_mean(self, x: jax.Array) -> jax.Array:
+    return x
+
+  def own_examples(self, x: jax.Array) -> jax.Array:
+    return x
+
+  def all_examples(self, x: jax.Array) -> jax.Array:
+    return x
+
 
 LOCAL_TOWERS = LocalTowers()
+
+# Keyword arguments of a dense layer (ZFNet, VGG, GoogLeNet, ResNet): one tower, whose parameters
+# carry no tower axis name, so every device holds them and their statistics are the same everywhere.
+ONE_TOWER = dict(towers=1, tower_axis=None)
 
 
 def split_towers(x: jax.Array, towers: int) -> jax.Array:
@@ -220,28 +246,33 @@ class TowerConv(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *, towers: int,
                reads: str, stride: int = 1, padding: int = 0, weight_std: float | None = 0.01,
-               bias_init: float = 0.0, rngs: nnx.Rngs):
+               bias_init: float = 0.0, use_bias: bool = True, tower_axis: str | None = TOWER,
+               rngs: nnx.Rngs):
     if reads not in ('own', 'all', 'input'):
       raise ValueError(f'reads must be own, all or input, got {reads!r}')
     in_per_tower = in_features // towers if reads == 'own' else in_features
     shape = (towers, kernel_size, kernel_size, in_per_tower, out_features // towers)
-    self.kernel = nnx.Param(_normal(rngs, shape, weight_std), logical_axes=(TOWER, None, None, None, None))
+    # tower_axis=None: a one-tower layer whose parameters every device of the model axis holds.
+    self.kernel = nnx.Param(_normal(rngs, shape, weight_std),
+                            logical_axes=(tower_axis, None, None, None, None))
     self.bias = nnx.Param(jnp.full((towers, out_features // towers), bias_init, jnp.float32),
-                          logical_axes=(TOWER, None))
+                          logical_axes=(tower_axis, None)) if use_bias else None
     self.reads, self.stride, self.padding = reads, stride, padding
 
   def __call__(self, x: jax.Array, exchange: TowerExchange = LOCAL_TOWERS) -> jax.Array:
-    kernel, bias = self.kernel[...], self.bias[...]
+    kernel = self.kernel[...]
     local_towers = kernel.shape[0]
     if self.reads == 'own':
-      return jnp.stack([
-          conv2d(x[t], kernel[t].astype(x.dtype), self.stride, self.padding) + bias[t].astype(x.dtype)
-          for t in range(local_towers)])
+      y = jnp.stack([conv2d(x[t], kernel[t].astype(x.dtype), self.stride, self.padding)
+                     for t in range(local_towers)])
+      return y if self.bias is None else y + self.bias[...][:, None, None, None, :].astype(x.dtype)
     if self.reads == 'all':
       x = exchange.gather(x)
     # Every local tower reads the same input: one convolution with the towers' kernels side by side.
     merged = jnp.moveaxis(kernel, 0, -2).reshape(*kernel.shape[1:-1], -1)
-    y = conv2d(x, merged.astype(x.dtype), self.stride, self.padding) + bias.reshape(-1).astype(x.dtype)
+    y = conv2d(x, merged.astype(x.dtype), self.stride, self.padding)
+    if self.bias is not None:
+      y = y + self.bias[...].reshape(-1).astype(x.dtype)
     return split_towers(y, local_towers)
 
 
@@ -253,13 +284,14 @@ class TowerDense(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, *, towers: int, reads: str = 'all',
-               weight_std: float | None = 0.01, bias_init: float = 0.0, rngs: nnx.Rngs):
+               weight_std: float | None = 0.01, bias_init: float = 0.0,
+               tower_axis: str | None = TOWER, rngs: nnx.Rngs):
     if reads not in ('all', 'input'):
       raise ValueError(f'reads must be all or input, got {reads!r}')
     self.kernel = nnx.Param(_normal(rngs, (towers, in_features, out_features // towers), weight_std),
-                            logical_axes=(TOWER, None, None))
+                            logical_axes=(tower_axis, None, None))
     self.bias = nnx.Param(jnp.full((towers, out_features // towers), bias_init, jnp.float32),
-                          logical_axes=(TOWER, None))
+                          logical_axes=(tower_axis, None))
     self.reads = reads
 
   def __call__(self, x: jax.Array, exchange: TowerExchange = LOCAL_TOWERS) -> jax.Array:
@@ -267,3 +299,55 @@ class TowerDense(nnx.Module):
     if self.reads == 'all':
       x = exchange.gather(x)
     return jnp.einsum('nf,tfo->tno', x, kernel.astype(x.dtype)) + bias[:, None, :].astype(x.dtype)
+
+
+def pad_for_ceil(size: int, window: int, stride: int, padding: int = 0) -> tuple[int, int]:
+  """(low, high) padding that makes a pooling window/stride give Caffe's rounded-up output size
+  ``ceil((size + 2·padding − window) / stride) + 1`` (GoogLeNet, ZFNet's 110 → 55 and 26 → 13)."""
+  out = -(-(size + 2 * padding - window) // stride) + 1
+  return padding, max(0, (out - 1) * stride + window - size - padding)
+
+
+def max_pool_padded(x: jax.Array, window: int, stride: int, pad: tuple[int, int]) -> jax.Array:
+  """``max_pool`` of the maps padded with −∞ by ``pad`` = (low, high) on both spatial axes."""
+  if pad == (0, 0):
+    return max_pool(x, window, stride)
+  widths = [(0, 0)] * (x.ndim - 3) + [pad, pad, (0, 0)]
+  return max_pool(jnp.pad(x, widths, constant_values=-jnp.inf), window, stride)
+
+
+def avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+  """Average pooling over the two spatial axes of NHWC maps (any leading axes), no padding."""
+  dims = (1,) * (x.ndim - 3) + (window, window, 1)
+  strides = (1,) * (x.ndim - 3) + (stride, stride, 1)
+  return jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, 'VALID') / (window * window)
+
+
+class BatchNorm(nnx.Module):
+  """Batch normalisation over all axes but the last, the batch statistics taken over the *global*
+  batch: each device's mean and mean square are averaged over the data shards through
+  ``exchange.data_mean`` (equal shards, so this is the global mean). The running averages are
+  ``nnx.BatchStat`` variables (kept apart from the parameters, checkpointed, used at evaluation).
+  ``momentum`` is the weight of the old running average (PyTorch's momentum 0.1 = 0.9 here)."""
+
+  def __init__(self, features: int, *, momentum: float = 0.9, epsilon: float = 1e-5,
+               scale_init: float = 1.0):
+    self.scale = nnx.Param(jnp.full((features,), scale_init, jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
+    self.momentum, self.epsilon = momentum, epsilon
+
+  def __call__(self, x: jax.Array, *, train: bool, exchange: TowerExchange = LOCAL_TOWERS):
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean = exchange.data_mean(jnp.mean(xf, axes))
+      var = jnp.maximum(exchange.data_mean(jnp.mean(jnp.square(xf), axes)) - jnp.square(mean), 0.0)
+      m = self.momentum
+      self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
+      self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(var)
+    else:
+      mean, var = self.mean[...], self.var[...]
+    mul = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
+    return (x * mul.astype(x.dtype) + (self.bias[...] - mean * mul).astype(x.dtype))

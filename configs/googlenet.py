@@ -1,0 +1,26 @@
+"""GoogLeNet (Szegedy et al. 2014) as the paper defines it: no batch norm, LRN in the stem, 5x5
+branches, both auxiliary classifiers (loss weight 0.3, training only). The paper trained
+asynchronously with momentum 0.9 and the learning rate cut by 4 % every 8 epochs; synchronous SGD
+here, batch 256, learning rate 0.01 x 0.96 every 8 epochs ("step" schedule), weight decay 2e-4
+(the reference Caffe solver). Data parallel over every device.
+
+  python -m alexnet_jax.main --config=configs/googlenet.py --workdir=runs/googlenet \
+      --config.dataset.data_dir=/path/to/tensorflow_datasets
+"""
+
+import ml_collections
+
+from alexnet_jax.configs import base_config
+
+
+def get_config():
+  c = base_config()
+  c.model = ml_collections.ConfigDict(dict(
+      name='googlenet', num_classes=1000, image_size=224, width=1.0, aux_heads=True,
+      aux_loss_weight=0.3, dropout=0.4, aux_dropout=0.7, init='xavier'))
+  c.mesh.data, c.mesh.model = -1, 1
+  c.batch_size = 256
+  c.num_epochs = 60
+  c.optim.update(learning_rate=0.01, momentum=0.9, weight_decay=2e-4, schedule='step',
+                 step_epochs=tuple(range(8, 60, 8)), step_factor=0.96)
+  return c

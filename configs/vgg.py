@@ -1,0 +1,26 @@
+"""VGG (Simonyan & Zisserman): configuration D (VGG-16) by default; A, A-LRN, B, C, E and batch norm
+by override. The paper's recipe: batch 256, momentum 0.9, weight decay 5e-4, dropout 0.5 on fc6-7,
+learning rate 0.01 divided by 10 when the validation accuracy stops improving (three times, 74
+epochs). Glorot initialisation, which the paper notes trains every configuration from scratch (its
+N(0, 0.01) is --config.model.init=paper). Data parallel over every device.
+
+  python -m alexnet_jax.main --config=configs/vgg.py --workdir=runs/vgg16 \
+      --config.dataset.data_dir=/path/to/tensorflow_datasets --config.model.variant=D
+  # configuration E with batch norm:  --config.model.variant=E --config.model.batch_norm=True
+"""
+
+import ml_collections
+
+from alexnet_jax.configs import base_config
+
+
+def get_config():
+  c = base_config()
+  c.model = ml_collections.ConfigDict(dict(
+      name='vgg', variant='D', batch_norm=False, num_classes=1000, image_size=224, width=1.0,
+      dropout=0.5, weight_std=0.01, init='glorot'))
+  c.mesh.data, c.mesh.model = -1, 1
+  c.batch_size = 256
+  c.num_epochs = 74
+  c.optim.update(learning_rate=0.01, momentum=0.9, weight_decay=5e-4)
+  return c

@@ -1,0 +1,26 @@
+"""Zeiler & Fergus's ZFNet on ImageNet: one dense tower, 224 crops, weights N(0, 0.01) and biases 0,
+batch 128, learning rate 0.01 (÷10 on plateau), momentum 0.9, feature-scale clipping of the conv
+filters at RMS 0.1, 70 epochs. Every device of the machine splits the batch (data parallel).
+
+  python -m alexnet_jax.main --config=configs/zfnet.py --workdir=runs/zfnet \
+      --config.dataset.data_dir=/path/to/tensorflow_datasets
+
+The paper's ablations: --config.model.remove='(3,4)' (or '(7,)', '(6,7)', '(3,4,6,7)');
+--config.model.fc_width=2048 (or 8192); --config.model.conv_widths='(512,1024,512)'.
+"""
+
+import ml_collections
+
+from alexnet_jax.configs import base_config
+
+
+def get_config():
+  c = base_config()
+  c.model = ml_collections.ConfigDict(dict(
+      name='zfnet', num_classes=1000, image_size=224, width=1.0, conv_widths=(384, 384, 256),
+      fc_width=4096, remove=(), lrn=True, dropout=0.5, weight_std=0.01, init='paper'))
+  c.mesh.data, c.mesh.model = -1, 1
+  c.batch_size = 128
+  c.num_epochs = 70
+  c.optim.update(learning_rate=0.01, momentum=0.9, filter_rms_clip=0.1)
+  return c
