@@ -16,7 +16,7 @@ import json
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from alexnet_jax import cli, distributed
 
@@ -165,4 +165,4 @@ def _define_flags() -> None:
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -291,4 +291,4 @@ def _define_flags() -> None:
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -1,7 +1,10 @@
 """Flags shared by the tools (summary, comm_map, bench), defined only when a tool runs as a program
 so that the modules can also be imported as libraries side by side."""
 
-from absl import app, flags
+import contextlib
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 
@@ -15,3 +18,27 @@ def config_or_usage_error():
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/two_gpu.py')
   return config
+
+
+@contextlib.contextmanager
+def user_errors_exit():
+  """Bad input (``errors.USER_ERRORS``: unknown names, impossible meshes, missing data, broken
+  checkpoints, invalid config values) ends the program with one ``error:`` line and status 2
+  instead of a traceback."""
+  from alexnet_jax import errors  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except errors.USER_ERRORS as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def run(main) -> None:
+  """``app.run(main)`` with bad input reported by ``user_errors_exit``."""
+
+  def guarded(argv):
+    with user_errors_exit():
+      return main(argv)
+
+  app.run(guarded)

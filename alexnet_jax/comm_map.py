@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from absl import app, flags
+from absl import flags
 
 from alexnet_jax import cli, distributed
 
@@ -149,7 +149,7 @@ def compiled_train_step_hlo(config, compiler_options=None) -> tuple[str, dict[st
 
 
 def format_table(rows: list[dict], mesh_shape: dict[str, int]) -> str:
-  lines = [f'cross-device collectives per training step, mesh '
+  lines = ['cross-device collectives per training step, mesh '
            + ' x '.join(f'{k}={v}' for k, v in mesh_shape.items()),
            f'{"layer":<10}{"pass":<10}{"collective":<20}{"axis":<12}{"ops":>4}{"bytes/device":>16}']
   for r in rows:
@@ -215,4 +215,4 @@ if __name__ == '__main__':
   cli.define_tool_flags()
   flags.DEFINE_bool('compare', False, 'Compare the bytes per step of data parallelism, two towers x '
                     'data, and the one-weird-trick hybrid for the configured AlexNet on 8 devices.')
-  app.run(main)
+  cli.run(main)

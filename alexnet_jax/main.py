@@ -7,7 +7,6 @@ already holds checkpoints is resumed from the latest one.
 from __future__ import annotations
 
 import logging as pylogging
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -32,13 +31,9 @@ def main(argv):
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= pylogging.WARNING or 'orbax' not in r.pathname)
   # Imported after the device set-up above: importing them is harmless, but keep JAX untouched.
-  from alexnet_jax import errors, train  # pylint: disable=g-import-not-at-top
-  try:
+  from alexnet_jax import cli, train  # pylint: disable=g-import-not-at-top
+  with cli.user_errors_exit():
     final = train.train_and_evaluate(config, _WORKDIR.value)
-  except errors.USER_ERRORS as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
   print(f'final validation: top-1 error {100 * final["top1_error"]:.2f}%, '
         f'top-5 error {100 * final["top5_error"]:.2f}%', flush=True)
 

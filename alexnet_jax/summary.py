@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from alexnet_jax import cli
 
@@ -102,4 +102,4 @@ def main(argv):
 
 if __name__ == '__main__':
   cli.define_tool_flags()
-  app.run(main)
+  cli.run(main)

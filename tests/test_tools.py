@@ -30,12 +30,29 @@ def test_summary_table(towers, params):
     assert 'tower 1: model device 1' in table['layers'][0]['placement']
 
 
-def _tool(module, *args):
+def _run_tool(module, *args):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
+
+
+def _tool(module, *args):
+  proc = _run_tool(module, *args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
+
+
+@pytest.mark.parametrize('module, args, message', [
+    ('alexnet_jax.summary', ['--config.model.name=lenet'], "unknown model 'lenet'"),
+    ('alexnet_jax.summary', ['--config.model.name=resnet'], "bad config.model for 'resnet'"),
+    ('alexnet_jax.comm_map', ['--config.mesh.model=3'], 'mesh'),
+])
+def test_tools_report_bad_input_in_one_line(module, args, message):
+  proc = _run_tool(module, '--config=configs/two_gpu.py', *args)
+  assert proc.returncode == 2
+  assert 'Traceback' not in proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
 
 
 def test_summary_cli_json():
