@@ -25,8 +25,9 @@ from alexnet_jax import cli, distributed
 
 
 KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'collective-permute', 'all-to-all')
-SCOPES = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8', 'loss', 'metrics',
-          'optimizer')
+# The step's own named scopes (steps.py), after the model's layers.
+STEP_SCOPES = ('loss', 'metrics', 'optimizer')
+SCOPES = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8') + STEP_SCOPES  # AlexNet
 _DTYPE_BYTES = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'pred': 1, 's8': 1, 'u8': 1,
                 'f64': 8, 's64': 8, 'u64': 8}
 _OP = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+ = (?P<shape>.+?) (?P<kind>' + '|'.join(KINDS) +
@@ -80,16 +81,26 @@ def _axis_of(groups: list[list[int]], mesh_shape: dict[str, int]) -> str:
   return '+'.join(n for n in names if n in varying) or 'none'
 
 
-def _layer_of(op_name: str) -> tuple[str, str]:
+def layer_scopes(config) -> tuple[str, ...]:
+  """The named scopes a collective of ``config``'s training step can belong to: the model's
+  layers in network order (each model runs every layer under ``jax.named_scope(name)``), then the
+  step's own."""
+  from alexnet_jax import summary  # pylint: disable=g-import-not-at-top
+  return tuple(r['layer'] for r in summary.layer_table(config)['layers']) + STEP_SCOPES
+
+
+def _layer_of(op_name: str, scopes) -> tuple[str, str]:
   direction = 'backward' if 'transpose(' in op_name else 'forward'
   for token in re.split(r'[/()]', op_name):
-    if token in SCOPES:
+    if token in scopes:
       return token, direction
   return '?', direction
 
 
-def parse_collectives(hlo_text: str, mesh_shape: dict[str, int]) -> list[Collective]:
-  """Every collective of an optimised HLO module, one entry per (merged) element."""
+def parse_collectives(hlo_text: str, mesh_shape: dict[str, int],
+                      scopes=SCOPES) -> list[Collective]:
+  """Every collective of an optimised HLO module, one entry per (merged) element, attributed to
+  the first of ``scopes`` (see ``layer_scopes``) in its op name."""
   out = []
   for line in hlo_text.splitlines():
     m = _OP.match(line)
@@ -107,7 +118,7 @@ def parse_collectives(hlo_text: str, mesh_shape: dict[str, int]) -> list[Collect
       sizes = sizes[-1:]  # async start ops: (operand, result) — count the result
     names = _split_merged(op_name, len(sizes))
     for name, size in zip(names, sizes):
-      layer, direction = _layer_of(name)
+      layer, direction = _layer_of(name, scopes)
       out.append(Collective(layer, direction, m.group('kind'), axis, size, name))
   return out
 
@@ -121,10 +132,10 @@ def _split_merged(op_name: str, n: int) -> list[str]:
   return [op_name] * n
 
 
-def summarize(colls: list[Collective]) -> list[dict]:
-  """One row per (layer, direction, kind, axis), bytes and ops added up, in network order."""
+def summarize(colls: list[Collective], scopes=SCOPES) -> list[dict]:
+  """One row per (layer, direction, kind, axis), bytes and ops added up, in ``scopes``' order."""
   rows = collections.OrderedDict()
-  order = {s: i for i, s in enumerate(SCOPES)}
+  order = {s: i for i, s in enumerate(scopes)}
   for c in sorted(colls, key=lambda c: (order.get(c.layer, 99), c.direction != 'forward')):
     key = (c.layer, c.direction, c.kind, c.axis)
     row = rows.setdefault(key, dict(layer=c.layer, direction=c.direction, kind=c.kind, axis=c.axis,
@@ -151,9 +162,9 @@ def compiled_train_step_hlo(config, compiler_options=None) -> tuple[str, dict[st
 def format_table(rows: list[dict], mesh_shape: dict[str, int]) -> str:
   lines = ['cross-device collectives per training step, mesh '
            + ' x '.join(f'{k}={v}' for k, v in mesh_shape.items()),
-           f'{"layer":<10}{"pass":<10}{"collective":<20}{"axis":<12}{"ops":>4}{"bytes/device":>16}']
+           f'{"layer":<14}{"pass":<10}{"collective":<20}{"axis":<12}{"ops":>4}{"bytes/device":>16}']
   for r in rows:
-    lines.append(f'{r["layer"]:<10}{r["direction"]:<10}{r["kind"]:<20}{r["axis"]:<12}'
+    lines.append(f'{r["layer"]:<14}{r["direction"]:<10}{r["kind"]:<20}{r["axis"]:<12}'
                  f'{r["ops"]:>4}{r["bytes"]:>16,}')
   total = collections.Counter()
   for r in rows:
@@ -178,7 +189,8 @@ def compare_parallelism(config, devices: int = 8, compiler_options=None) -> list
     hlo, mesh_shape = compiled_train_step_hlo(c, compiler_options)
     colls = parse_collectives(hlo, mesh_shape)
     per_device = sum(x.bytes for x in colls)
-    activations = sum(x.bytes for x in colls if x.layer in SCOPES[:8] and x.kind != 'all-reduce')
+    activations = sum(x.bytes for x in colls
+                      if x.layer in SCOPES[:-len(STEP_SCOPES)] and x.kind != 'all-reduce')
     rows.append(dict(scheme=label, mesh=f'{data} x {model_axis}', bytes_per_device=per_device,
                      activation_bytes_per_device=activations,
                      bytes_per_step=per_device * data * model_axis))
@@ -204,7 +216,8 @@ def main(argv):
     print(json.dumps(rows, indent=1) if flags.FLAGS.json else format_comparison(rows, config))
     return
   hlo, mesh_shape = compiled_train_step_hlo(config)
-  rows = summarize(parse_collectives(hlo, mesh_shape))
+  scopes = layer_scopes(config)
+  rows = summarize(parse_collectives(hlo, mesh_shape, scopes), scopes)
   if flags.FLAGS.json:
     print(json.dumps(dict(mesh=mesh_shape, collectives=rows), indent=1))
   else:

@@ -187,6 +187,21 @@ def test_one_training_step_per_model(trained):
     assert t.eval_metrics(t.state.params, other)['loss'] != pytest.approx(out['loss'])
 
 
+
+def test_comm_map_names_every_collective_of_a_zoo_model():
+  """comm_map attributes ResNet's collectives to its own layers: batch norm's forward moments are
+  reduced over the data axis in the layers that hold them, nothing is left unattributed."""
+  t = trained_zoo('resnet18')
+  scopes = comm_map.layer_scopes(t.prog.config)
+  assert scopes[:2] == ('conv1', 'conv2_1') and scopes[-3:] == comm_map.STEP_SCOPES
+  colls = comm_map.parse_collectives(t.train.as_text(), dict(t.prog.mesh.shape), scopes)
+  assert colls and all(c.layer in scopes for c in colls), {c.op_name for c in colls
+                                                          if c.layer not in scopes}
+  forward = {c.layer for c in colls if c.direction == 'forward' and c.axis == 'data'}
+  assert {'conv1', 'conv2_1', 'conv5_2'} <= forward
+  rows = comm_map.summarize(colls, scopes)
+  assert rows[0]['layer'] == 'conv1' and 'conv5_2' in comm_map.format_table(rows, {'data': 2})
+
 def test_batch_norm_statistics_agree_across_data_shards():
   """The same batch on 4 data shards and on 1: identical running statistics and updates."""
   model, size = ZOO['vgg_bn']
