@@ -164,7 +164,7 @@ def test_every_command_writes_its_figures(trained, tmp_path):
 def test_commands_on_photographs(trained, tmp_path):
   config, workdir, _ = trained
   out = str(tmp_path / 'photos')
-  options = commands.Options(images='skimage', num_images=3, top=3, occluder_size=30,
+  options = commands.Options(images='skimage', num_images=3, top=2, occluder_size=30,
                              occluder_stride=18, layers=['conv3'])
   for analysis in ('deconv', 'occlusion'):
     for path in commands.run(analysis, config, workdir, options, out):
