@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Any, Callable, Sequence
 
@@ -164,11 +165,26 @@ def checkpoint_directory(path: str) -> str:
   return path
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  """Orbax warns 'Given directory is read only' whenever a read-only manager opens: here that is
+  the intent (the analyses never write into a training run), not news."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Given directory is read only')
+
+
 def _manager(config, path: str):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
-  return ocp.CheckpointManager(checkpoint_directory(path), options=options,
-                               item_names=('state', 'data', 'meta'))
+  # save_interval_steps=0 says what read_only implies (else orbax warns that it changes it).
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
+  notice = _DropReadOnlyNotice()
+  logger = logging.getLogger('absl')
+  logger.addFilter(notice)
+  try:
+    return ocp.CheckpointManager(checkpoint_directory(path), options=options,
+                                 item_names=('state', 'data', 'meta'))
+  finally:
+    logger.removeFilter(notice)
 
 
 def checkpoint_steps(config, path: str) -> list[int]:
