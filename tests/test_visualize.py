@@ -52,6 +52,18 @@ def test_checkpoints_are_kept_at_the_listed_epochs(trained):
   assert net.step == 8 and net.epoch == 2
 
 
+def test_networks_of_one_run_share_their_compiled_functions(trained):
+  config, workdir, net = trained
+  earlier = loading.load_network(config, workdir, 4)
+  make = lambda: lambda params, x: x
+  assert earlier.function('features', make) is net.function('features', make)
+  assert earlier.function(('project', 'conv5'), make) is not net.function('features', make)
+  # Counts of examples padded to a few batch shapes: devices x powers of two, at most the cap.
+  assert [loading._bucket(n, 8, 64) for n in (1, 8, 9, 17, 26, 33, 64, 65, 500)] == [
+      8, 8, 16, 32, 32, 64, 64, 64, 64]
+  assert [loading._bucket(n, 1, 32) for n in (1, 3, 5, 32, 40)] == [1, 4, 8, 32, 32]
+
+
 def test_training_renders_filters_and_projections(trained):
   _, workdir, _ = trained
   for epoch in (1, 2):
@@ -164,7 +176,7 @@ def test_every_command_writes_its_figures(trained, tmp_path):
 def test_commands_on_photographs(trained, tmp_path):
   config, workdir, _ = trained
   out = str(tmp_path / 'photos')
-  options = commands.Options(images='skimage', num_images=3, top=3, occluder_size=30,
+  options = commands.Options(images='skimage', num_images=3, top=2, occluder_size=30,
                              occluder_stride=18, layers=['conv3'])
   for analysis in ('deconv', 'occlusion'):
     for path in commands.run(analysis, config, workdir, options, out):

@@ -111,20 +111,25 @@ def peak_activations(net: Network, images: np.ndarray, layers: list[str]):
   in each image, computed in batches (the full activations never leave the devices)."""
   apply, normalize = net.apply, net.normalize
 
-  def peaks(params, x):
-    _, acts = deconvnet.features(apply, params, normalize(x))
-    out = {}
-    for layer in layers:
-      a = acts[layer]
-      if not deconvnet.is_spatial(a):
-        out[layer] = (a, jnp.zeros((*a.shape, 2), jnp.int32))
-        continue
-      flat = a.reshape(a.shape[0], -1, a.shape[-1])
-      arg = jnp.argmax(flat, axis=1)
-      out[layer] = (jnp.max(flat, axis=1), jnp.stack([arg // a.shape[2], arg % a.shape[2]], -1))
-    return out
+  def make():
+    return lambda params, x: _peaks(apply, params, normalize(x), layers)
 
+  peaks = net.function(('peaks', tuple(layers)), make)
   return net.map_batches(peaks, images, desc='activations over the images')
+
+
+def _peaks(apply, params, x, layers):
+  _, acts = deconvnet.features(apply, params, x)
+  out = {}
+  for layer in layers:
+    a = acts[layer]
+    if not deconvnet.is_spatial(a):
+      out[layer] = (a, jnp.zeros((*a.shape, 2), jnp.int32))
+      continue
+    flat = a.reshape(a.shape[0], -1, a.shape[-1])
+    arg = jnp.argmax(flat, axis=1)
+    out[layer] = (jnp.max(flat, axis=1), jnp.stack([arg // a.shape[2], arg % a.shape[2]], -1))
+  return out
 
 
 def choose_maps(net: Network, layers: list[str], count: int, seed: int,
@@ -215,26 +220,25 @@ def invariance(net: Network, images: np.ndarray, labels: np.ndarray | None, laye
   of the untransformed image ``{layer: (N, T)}``, and the true class's probability ``(N, T)``."""
   transforms = transforms or {k: v for k, (v, _) in TRANSFORMS.items()}
   classes = true_classes(net, images, labels)
-  apply, normalize = net.apply, net.normalize
-
-  def measure(params, x):
-    logits, acts = deconvnet.features(apply, params, normalize(x))
-    return jax.nn.softmax(logits.astype(jnp.float32)), {l: acts[l].reshape(len(x), -1)
-                                                        for l in layers}
-
-  _, reference = net.map_batches(measure, images)
+  # All layers' features through the one compiled ``features`` function the other analyses use.
+  _, reference = net.features(images)
   out = {}
   for kind, values in transforms.items():
     moved = np.stack([transform(im, kind, v, net.config.input.mean_rgb)
                       for im in images for v in values])                   # (N * T, S, S, 3)
-    probs, feats = net.map_batches(measure, moved, desc=f'invariance: {kind}')
+    logits, feats = net.features(moved, desc=f'invariance: {kind}')
     n, t = len(images), len(values)
     out[kind] = dict(
         values=np.asarray(values),
-        distance={l: np.linalg.norm(feats[l].reshape(n, t, -1) - reference[l][:, None], axis=-1)
-                  for l in layers},
-        probability=probs.reshape(n, t, -1)[np.arange(n), :, classes])
+        distance={l: np.linalg.norm(feats[l].reshape(n, t, -1) - reference[l].reshape(n, 1, -1),
+                                    axis=-1) for l in layers},
+        probability=softmax(logits).reshape(n, t, -1)[np.arange(n), :, classes])
   return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return z / z.sum(axis=-1, keepdims=True)
 
 
 # --- Occlusion ------------------------------------------------------------------------------------
@@ -249,7 +253,8 @@ def occluder_positions(image_size: int, size: int, stride: int) -> np.ndarray:
 
 
 def occlude(images, corners, size: int, fill):
-  """``images[i]`` with a ``size`` square of ``fill`` at ``corners[i]`` (jax or numpy)."""
+  """``images[i]`` with a ``size`` square of ``fill`` at ``corners[i]`` (jax or numpy; ``size`` may be
+  a traced scalar)."""
   s = images.shape[1]
   rows = jnp.arange(s)[None, :, None]
   cols = jnp.arange(s)[None, None, :]
@@ -270,9 +275,9 @@ def occlusion(net: Network, image: np.ndarray, label: int | None, layer: str, si
   true = int(np.argmax(logits[0])) if label is None else int(label)
   apply, normalize, fill = net.apply, net.normalize, net.config.input.mean_rgb
 
-  def make():
-    def measure(params, base, map_, true_, corner):
-      occluded = occlude(jnp.broadcast_to(base, (len(corner), *base.shape)), corner, size, fill)
+  def make():  # the size is an argument: one compile per layer serves every occluder
+    def measure(params, base, size_, map_, true_, corner):
+      occluded = occlude(jnp.broadcast_to(base, (len(corner), *base.shape)), corner, size_, fill)
       logits, acts = deconvnet.features(apply, params, normalize(occluded))
       probs = jax.nn.softmax(logits.astype(jnp.float32))
       a = jnp.take(acts[layer], map_, axis=-1)
@@ -280,15 +285,15 @@ def occlusion(net: Network, image: np.ndarray, label: int | None, layer: str, si
                   predicted=jnp.argmax(probs, -1), predicted_probability=jnp.max(probs, -1))
     return measure
 
-  measure = net.function(('occlusion', layer, size), make)
-  shared = (np.asarray(image, np.float32), np.int32(strongest), np.int32(true))
+  measure = net.function(('occlusion', layer), make)
+  shared = (np.asarray(image, np.float32), np.int32(size), np.int32(strongest), np.int32(true))
   out = net.map_batches(measure, corners, batch_size=128, desc='occlusion', shared=shared)
   side = int(round(np.sqrt(len(corners))))
   grid = {k: v.reshape(side, side) for k, v in out.items()}
   proj = project_examples(net, image[None], layer, np.array([0]), np.array([strongest]))
   return dict(corners=corners, size=size, stride=stride, map=strongest, true_class=true,
               unoccluded_feature=float(act[..., strongest].sum()),
-              unoccluded_probability=float(jax.nn.softmax(logits[0])[true]),
+              unoccluded_probability=float(softmax(logits[0])[true]),
               projection=proj.projections[0], **grid)
 
 

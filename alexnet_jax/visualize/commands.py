@@ -262,7 +262,7 @@ def run_occlusion(net: Network, options: Options, out_dir: str) -> list[str]:
                                  (axes[3], 'probability', 'P(true class)', 'jet')):
       ax.imshow(image)
       im = ax.imshow(res[key], cmap=cmap, alpha=0.6, extent=extent, interpolation='nearest')
-      fig.colorbar(im, ax=ax, fraction=0.046)
+      render.colorbar(fig, im, ax)
       ax.set_title(title)
     axes[2].imshow(render.projection_image(res['projection']))
     axes[2].set_title(f'projection of {layer} map {res["map"]}')

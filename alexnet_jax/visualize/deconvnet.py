@@ -31,8 +31,18 @@ from flax import nnx
 Apply = Callable[[Any, jax.Array, bool], tuple[jax.Array, dict[str, jax.Array]]]
 
 
+_APPLIES: dict = {}
+
+
 def make_apply(graphdef: nnx.GraphDef) -> Apply:
-  """The network's forward pass with every layer's activation, on one array (no mesh)."""
+  """The network's forward pass with every layer's activation, on one array (no mesh). One function
+  per graph definition, so that functions jitted around it are shared and compiled once."""
+  if graphdef not in _APPLIES:
+    _APPLIES[graphdef] = _make_apply(graphdef)
+  return _APPLIES[graphdef]
+
+
+def _make_apply(graphdef: nnx.GraphDef) -> Apply:
 
   def apply(params, images, deconv=False):
     model = nnx.merge(graphdef, params)
@@ -87,17 +97,19 @@ def project(apply: Apply, params, images: jax.Array, layer: str, maps: jax.Array
   """Deconvnet projections of one activation per example to pixel space.
 
   ``maps``: ``(batch,)`` the feature map of each example; ``positions``: ``(batch, 2)`` the
-  activation's row and column in it, or ``None`` for the map's strongest one (ignored for dense
-  layers). Returns ``(projections (batch, H, W, 3), positions (batch, 2), values (batch,))``: the
+  activation's row and column in it, where negative the map's strongest one, or ``None`` for the
+  strongest one in every example (ignored for dense layers). Returns ``(projections (batch, H, W, 3), positions (batch, 2), values (batch,))``: the
   projections in the units of the normalised input, each from its example's own switches.
   """
   maps = jnp.asarray(maps, jnp.int32)
   layer_act = lambda x: untower(apply(params, x, True)[1][layer])
   act, vjp = jax.vjp(layer_act, images)
   if is_spatial(act):
+    strongest = strongest_positions(act, maps)
     if positions is None:
-      positions = strongest_positions(act, maps)
+      positions = strongest
     positions = jnp.asarray(positions, jnp.int32)
+    positions = jnp.where(jnp.any(positions < 0, axis=-1, keepdims=True), strongest, positions)
   else:
     positions = jnp.zeros((act.shape[0], 2), jnp.int32)
   chosen = one_hot_activation(act, maps, positions if is_spatial(act) else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Any, Callable, Sequence
 
@@ -30,6 +31,31 @@ def _mesh() -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.array(jax.local_devices()), (BATCH,))
 
 
+def _bucket(n: int, devices: int, cap: int) -> int:
+  """The padded batch for ``n`` examples: ``devices`` × the smallest power of two that holds them,
+  at most ``cap`` (rounded up to a multiple of ``devices``). A handful of shapes, so a handful of
+  compiles, serve every count of images, occluder positions or projections."""
+  cap = -(-cap // devices) * devices
+  per_device = 1
+  while devices * per_device < min(n, cap):
+    per_device *= 2
+  return min(devices * per_device, cap)
+
+
+def normalizer(mean_rgb, std_rgb) -> Callable[[jax.Array], jax.Array]:
+  """uint8-valued images → the model's input. Closes over the two colours only (not a network), so
+  functions cached in ``_COMPILED`` keep no parameters alive."""
+  mean, std = np.asarray(mean_rgb, np.float32), np.asarray(std_rgb, np.float32)
+  return lambda images: (jnp.asarray(images, jnp.float32) - mean) / std
+
+
+# (apply, mean, std, key) → jitted function, shared by every ``Network`` of one architecture (a
+# run's checkpoints, the snapshots taken during training, every command of a session), so that
+# each analysis compiles once per padded batch shape. ``deconvnet.make_apply`` returns one apply
+# per graph definition, which makes it a key.
+_COMPILED: dict = {}
+
+
 @dataclasses.dataclass
 class Network:
   """A network with parameters, ready to be analysed. Images given to it are uint8-valued NHWC."""
@@ -39,22 +65,23 @@ class Network:
   step: int = 0
   epoch: float | None = None
   _jitted: dict = dataclasses.field(default_factory=dict, repr=False)
-  _functions: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def function(self, key, make):
-    """One function object per key, so that ``map_batches`` compiles it once."""
-    if key not in self._functions:
-      self._functions[key] = make()
-    return self._functions[key]
+    """``jax.jit(make())``, made once per architecture, input normalisation and ``key``: ``make``'s
+    function may close over the apply, ``normalize``, the config's colours and what ``key`` names
+    (never over the parameters, which it takes as its first argument)."""
+    full = (self.apply, tuple(self.config.input.mean_rgb), tuple(self.config.input.std_rgb), key)
+    if full not in _COMPILED:
+      _COMPILED[full] = jax.jit(make())
+    return _COMPILED[full]
 
   @property
   def image_size(self) -> int:
     return int(self.config.model.image_size)
 
-  def normalize(self, images: jax.Array) -> jax.Array:
-    mean = jnp.asarray(self.config.input.mean_rgb, jnp.float32)
-    std = jnp.asarray(self.config.input.std_rgb, jnp.float32)
-    return (jnp.asarray(images, jnp.float32) - mean) / std
+  @property
+  def normalize(self) -> Callable[[jax.Array], jax.Array]:
+    return normalizer(self.config.input.mean_rgb, self.config.input.std_rgb)
 
   @functools.cached_property
   def _replicated(self):
@@ -64,14 +91,17 @@ class Network:
                   shared: tuple = ()):
     """``fn(params, *shared, *chunks)`` over the leading axis of ``arrays`` (all the same length),
     each chunk split across the local devices, ``shared`` replicated on them; outputs (any pytree)
-    concatenated along axis 0."""
+    concatenated along axis 0. Chunks are padded to a few fixed sizes (``_bucket``); ``fn`` is best
+    one from ``function``, so that its compiles are shared."""
     mesh = _mesh()
-    devices = mesh.devices.size
     n = len(arrays[0])
-    batch_size = -(-min(batch_size, max(n, 1)) // devices) * devices
-    if fn not in self._jitted:  # the arguments' shardings split the batch across the devices
-      self._jitted[fn] = jax.jit(fn)
-    jitted = self._jitted[fn]
+    batch_size = _bucket(max(n, 1), mesh.devices.size, batch_size)
+    if hasattr(fn, 'lower'):   # already jitted
+      jitted = fn
+    else:  # the arguments' shardings split the batch across the devices
+      if fn not in self._jitted:
+        self._jitted[fn] = jax.jit(fn)
+      jitted = self._jitted[fn]
     shared = jax.device_put(tuple(np.asarray(a) for a in shared), NamedSharding(mesh, P()))
     outputs = []
     starts = range(0, n, batch_size)
@@ -89,23 +119,24 @@ class Network:
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
 
   def features(self, images: np.ndarray, *, desc: str | None = None, batch_size: int = 64):
-    """``(logits, {layer: untowered activations})`` as numpy arrays."""
+    """``(logits, {layer: untowered activations})`` as numpy arrays. ``images`` may hold fractional
+    values (occluded by the mean colour): they go in as float32, so one compile serves both."""
     apply, normalize = self.apply, self.normalize
     fn = self.function('features', lambda: lambda params, x: deconvnet.features(
         apply, params, normalize(x)))
-    return self.map_batches(fn, images, desc=desc, batch_size=batch_size)
+    return self.map_batches(fn, np.asarray(images, np.float32), desc=desc, batch_size=batch_size)
 
   def project(self, images: np.ndarray, layer: str, maps: np.ndarray,
               positions: np.ndarray | None = None, *, desc: str | None = None):
-    """Deconvnet projections (see ``deconvnet.project``) of one activation per image."""
+    """Deconvnet projections (see ``deconvnet.project``) of one activation per image: at
+    ``positions``, or where it is ``None`` the maps' strongest (one compile serves both)."""
     apply, normalize = self.apply, self.normalize
+    maps = np.asarray(maps, np.int32)
     if positions is None:
-      fn = self.function(('strongest', layer), lambda: lambda params, x, m: deconvnet.project(
-          apply, params, normalize(x), layer, m))
-      return self.map_batches(fn, images, np.asarray(maps), desc=desc, batch_size=32)
+      positions = np.full((len(maps), 2), -1, np.int32)   # -1: the strongest
     fn = self.function(('project', layer), lambda: lambda params, x, m, p: deconvnet.project(
         apply, params, normalize(x), layer, m, p))
-    return self.map_batches(fn, images, np.asarray(maps), np.asarray(positions), desc=desc,
+    return self.map_batches(fn, images, maps, np.asarray(positions, np.int32), desc=desc,
                             batch_size=32)
 
   @property
@@ -134,11 +165,26 @@ def checkpoint_directory(path: str) -> str:
   return path
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  """Orbax warns 'Given directory is read only' whenever a read-only manager opens: here that is
+  the intent (the analyses never write into a training run), not news."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Given directory is read only')
+
+
 def _manager(config, path: str):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
-  return ocp.CheckpointManager(checkpoint_directory(path), options=options,
-                               item_names=('state', 'data', 'meta'))
+  # save_interval_steps=0 says what read_only implies (else orbax warns that it changes it).
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
+  notice = _DropReadOnlyNotice()
+  logger = logging.getLogger('absl')
+  logger.addFilter(notice)
+  try:
+    return ocp.CheckpointManager(checkpoint_directory(path), options=options,
+                                 item_names=('state', 'data', 'meta'))
+  finally:
+    logger.removeFilter(notice)
 
 
 def checkpoint_steps(config, path: str) -> list[int]:

@@ -83,6 +83,18 @@ def pyplot():
   return plt
 
 
+def colorbar(fig, mappable, ax):
+  """A colour bar whose ticks carry their whole values: matplotlib's default moves a common offset
+  or exponent into a text above the bar, where it overlaps the axes' title."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  bar = fig.colorbar(mappable, ax=ax, fraction=0.046)
+  plain = ticker.ScalarFormatter(useOffset=False)
+  plain.set_scientific(False)
+  bar.formatter = plain
+  bar.update_ticks()
+  return bar
+
+
 def save_figure(fig, path: str) -> str:
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   fig.savefig(path, dpi=100)
