@@ -181,3 +181,41 @@ def test_projection_lies_inside_the_receptive_field(net, fields, layer):
   # Not vacuous: most projections survive, and some fill their receptive field's extent.
   assert len(reach) >= len(maps) // 2
   assert max(reach) >= min(field.rows[:, 1] - field.rows[:, 0] + 1)
+
+
+@pytest.mark.parametrize('model', [
+    dict(name='zfnet', image_size=67, width=0.0625, num_classes=10),
+    dict(name='vgg', variant='A-LRN', batch_norm=True, image_size=32, width=0.0625, num_classes=10),
+])
+def test_zoo_networks_project_through_the_deconvnet(model):
+  """ZFNet (pool then contrast normalisation) and VGG with batch norm (its running statistics come
+  with the training state): projections of a mid layer are finite, non-zero, and inside the
+  activation's receptive field."""
+  from types import SimpleNamespace
+  import ml_collections
+  from alexnet_jax.visualize import loading
+  config = tiny_config()
+  config.model = ml_collections.ConfigDict(model)
+  config.mesh.model = 1
+  graphdef, params, batch_stats = nnx.split(create_model(config.model, nnx.Rngs(0)), nnx.Param,
+                                            nnx.BatchStat)
+  state = SimpleNamespace(params=nnx.to_pure_dict(params), batch_stats=nnx.to_pure_dict(batch_stats))
+  if model['name'] == 'vgg':  # running statistics that differ from the fresh ones
+    state.batch_stats = jax.tree.map(lambda v: v * 0.5, state.batch_stats)
+  net = loading.network_from_state(config, graphdef, state)
+  if model['name'] == 'vgg':
+    np.testing.assert_array_equal(net.params['conv1_1_bn']['var'], 0.5)
+  size = config.model.image_size
+  images = np.random.default_rng(0).standard_normal((4, size, size, 3)).astype(np.float32)
+  layer = 'conv2' if model['name'] == 'zfnet' else 'conv2_1'
+  field = deconvnet.receptive_fields(net.apply, net.params, size)[layer]
+  _, acts = features(net.apply, net.params, images)
+  maps = jnp.argmax(acts[layer].max(axis=(1, 2)), axis=-1)  # each image's strongest map
+  proj, pos, values = project(net.apply, net.params, images, layer, maps)
+  assert np.all(np.isfinite(proj)) and np.all(np.asarray(values) > 0)
+  for n in range(4):
+    top, left, bottom, right = field.box(int(pos[n, 0]), int(pos[n, 1]))
+    support = np.abs(np.asarray(proj[n])).sum(-1) > 0
+    assert support.any()
+    support[top:bottom + 1, left:right + 1] = False
+    assert not support.any()

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
@@ -208,9 +209,19 @@ def load_network(config, path: str, step: int | None = None) -> Network:
   prog = program_lib.build_program(config, steps_per_epoch=1)
   with _manager(config, path) as manager:
     restored = checkpointing.restore(manager, step, prog.abstract_state, None)
-  params = jax.device_get(restored.state.params)
-  return Network(config=config, apply=deconvnet.make_apply(prog.graphdef), params=params,
-                 step=step, epoch=restored.meta.get('epoch'))
+  return network_from_state(config, prog.graphdef, restored.state, step=step,
+                            epoch=restored.meta.get('epoch'))
+
+
+def network_from_state(config, graphdef: nnx.GraphDef, state, *, step: int = 0,
+                       epoch: float | None = None) -> Network:
+  """The network of a training state (``steps.TrainState``, on the devices or the host). Its
+  parameters and batch-norm statistics become one pure dict of every variable, the model in
+  evaluation mode as the analyses run it."""
+  model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.batch_stats))
+  graphdef, variables = nnx.split(model)
+  return Network(config=config, apply=deconvnet.make_apply(graphdef),
+                 params=nnx.to_pure_dict(variables), step=step, epoch=epoch)
 
 
 # --- Images ---------------------------------------------------------------------------------------
