@@ -2,6 +2,7 @@
 so that the modules can also be imported as libraries side by side."""
 
 import contextlib
+import logging as pylogging
 import sys
 
 from absl import app, flags, logging
@@ -42,3 +43,10 @@ def run(main) -> None:
       return main(argv)
 
   app.run(guarded)
+
+
+def quiet_orbax_info() -> None:
+  """Keep orbax's INFO records (one per checkpoint step opened or saved) out of the log; its
+  warnings and errors still show."""
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= pylogging.WARNING or 'orbax' not in r.pathname)

@@ -6,12 +6,10 @@ already holds checkpoints is resumed from the latest one.
 
 from __future__ import annotations
 
-import logging as pylogging
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from alexnet_jax import distributed
+from alexnet_jax import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
@@ -27,11 +25,9 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required, e.g. --workdir=/tmp/alexnet_demo')
   distributed.initialize(config)
-  # orbax reports every save step at INFO; keep the training log readable.
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= pylogging.WARNING or 'orbax' not in r.pathname)
+  cli.quiet_orbax_info()  # a line per checkpoint saved would drown the training log
   # Imported after the device set-up above: importing them is harmless, but keep JAX untouched.
-  from alexnet_jax import cli, train  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
   with cli.user_errors_exit():
     final = train.train_and_evaluate(config, _WORKDIR.value)
   print(f'final validation: top-1 error {100 * final["top1_error"]:.2f}%, '

@@ -7,9 +7,7 @@ shows every figure written there with its caption.
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 
 from alexnet_jax import cli
 
@@ -62,9 +60,9 @@ def main(argv):
     raise app.UsageError('--checkpoint=the training workdir and --out=a folder are required')
   from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(config)
-  from alexnet_jax import errors  # pylint: disable=g-import-not-at-top
+  cli.quiet_orbax_info()
   from alexnet_jax.visualize import commands  # pylint: disable=g-import-not-at-top
-  try:
+  with cli.user_errors_exit():
     options = commands.Options(
         images=f.images, num_images=f.num_images, layers=f.layers,
         maps=[int(m) for m in f.maps] if f.maps else None, num_maps=f.num_maps, top=f.top,
@@ -72,10 +70,6 @@ def main(argv):
         occluder_size=f.occluder_size, occluder_stride=f.occluder_stride,
         parts=parse_parts(f.parts), random_draws=f.random_draws, seed=f.seed)
     written = commands.run(argv[1], config, f.checkpoint, options, f.out)
-  except errors.USER_ERRORS as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
   for path in written:
     print(path)
   print(f'index: {f.out}/index.html', flush=True)
