@@ -5,6 +5,7 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from alexnet_jax.configs import base_config  # noqa: E402
@@ -26,3 +27,27 @@ def tiny_config(**mesh):
 @pytest.fixture
 def tiny():
   return tiny_config()
+
+
+# Pixel step of `gradient_image`: rows and columns up to 255 // 5 = 51 stay distinguishable.
+GRADIENT_STEP = 5
+
+
+def gradient_image(h, w):
+  """R encodes the row, G the column, so any crop, window or reflection can be located exactly."""
+  y, x = np.mgrid[0:h, 0:w]
+  return np.stack([y * GRADIENT_STEP, x * GRADIENT_STEP, np.full_like(y, 7)], -1).astype(np.uint8)
+
+
+class ListSource:
+  """In-memory random-access source ``[(image, label), ...]`` for pipeline tests."""
+
+  def __init__(self, items):
+    self.items = items
+
+  def __len__(self):
+    return len(self.items)
+
+  def __getitem__(self, i):
+    image, label = self.items[i]
+    return {'image': image, 'label': np.int32(label)}

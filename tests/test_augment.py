@@ -11,28 +11,9 @@ from flax import nnx
 
 from alexnet_jax import checkpointing, program, sharding, steps, train
 from alexnet_jax.data import augment, builtin, pipeline, sources, statistics
-from conftest import tiny_config
+from conftest import GRADIENT_STEP, ListSource, gradient_image, tiny_config
 
 TINY = dict(num_train=48, num_val=20, image_size=72, seed=0)
-
-
-def _gradient(h, w):
-  """R encodes the row, G the column, so any window and reflection can be located exactly."""
-  y, x = np.mgrid[0:h, 0:w]
-  return np.stack([y * 3, x * 3, np.full_like(y, 7)], -1).astype(np.uint8)
-
-
-class ListSource:
-
-  def __init__(self, items):
-    self.items = items
-
-  def __len__(self):
-    return len(self.items)
-
-  def __getitem__(self, i):
-    image, label = self.items[i]
-    return {'image': image, 'label': np.int32(label)}
 
 
 @pytest.fixture(scope='module')
@@ -41,8 +22,9 @@ def tiny_dir(tmp_path_factory):
 
 
 def _window_of(image, crop_size):
-  """(top, left, flipped) of a crop of `_gradient`, read back from its pixels."""
-  rows, cols = image[..., 0].astype(int) // 3, image[..., 1].astype(int) // 3
+  """(top, left, flipped) of a crop of `gradient_image`, read back from its pixels."""
+  rows = image[..., 0].astype(int) // GRADIENT_STEP
+  cols = image[..., 1].astype(int) // GRADIENT_STEP
   np.testing.assert_array_equal(rows, rows[:, :1].repeat(crop_size, 1))
   np.testing.assert_array_equal(np.diff(rows[:, 0]), 1)
   step = np.diff(cols[0])
@@ -58,7 +40,7 @@ def _window_of(image, crop_size):
 @pytest.mark.parametrize('random_crop, flip', [(True, True), (False, True), (True, False)])
 def test_train_windows_match_their_crop_record(random_crop, flip):
   size, crop = 20, 14
-  src = ListSource([(_gradient(size, size), 0)] * 16)
+  src = ListSource([(gradient_image(size, size), 0)] * 16)
   it = iter(pipeline.train_dataset(src, global_batch_size=16, crop_size=crop, seed=1,
                                    random_crop=random_crop, flip=flip))
   windows = []
@@ -80,7 +62,7 @@ def test_train_windows_match_their_crop_record(random_crop, flip):
 
 def test_ten_views_are_corners_centre_and_reflections():
   size, crop = 20, 14
-  src = ListSource([(_gradient(size, size), 3)] * 3)
+  src = ListSource([(gradient_image(size, size), 3)] * 3)
   batches = list(pipeline.eval_dataset(src, global_batch_size=4, crop_size=crop, views='ten'))
   assert len(batches) == 1
   b = batches[0]
@@ -97,7 +79,7 @@ def test_ten_views_are_corners_centre_and_reflections():
 
 
 def test_pca_coefficients_are_n_0_sigma_per_image_and_presentation():
-  src = ListSource([(_gradient(16, 16), 0)] * 64)
+  src = ListSource([(gradient_image(16, 16), 0)] * 64)
   it = iter(pipeline.train_dataset(src, global_batch_size=64, crop_size=16, seed=0, pca_std=0.1))
   first, second = next(it)['alpha'], next(it)['alpha']  # two epochs: two presentations
   alphas = np.concatenate([first, second])

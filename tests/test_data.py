@@ -14,6 +14,7 @@ from PIL import Image
 from alexnet_jax.data import builtin
 from alexnet_jax.data import pipeline
 from alexnet_jax.data import sources
+from conftest import ListSource, gradient_image
 
 TINY = dict(num_train=64, num_val=24, image_size=40, seed=0)
 
@@ -39,29 +40,9 @@ def _read_shard_bytes(directory):
           for split in meta["splits"].values() for shard in split["shards"]}
 
 
-class ListSource:
-  """In-memory random-access source for pipeline tests."""
-
-  def __init__(self, items):
-    self.items = items
-
-  def __len__(self):
-    return len(self.items)
-
-  def __getitem__(self, i):
-    image, label = self.items[i]
-    return {"image": image, "label": np.int32(label)}
-
-
-def _gradient(h, w):
-  """R encodes the row, G the column, so any crop/flip can be located exactly."""
-  y, x = np.mgrid[0:h, 0:w]
-  return np.stack([y * 5, x * 5, np.full_like(y, 7)], -1).astype(np.uint8)
-
-
 def _indexed_source(n, size=12):
   """Labels are the record indices; images are a gradient."""
-  return ListSource([(_gradient(size, size), i) for i in range(n)])
+  return ListSource([(gradient_image(size, size), i) for i in range(n)])
 
 
 # ---------------------------------------------------------------------------
@@ -71,7 +52,7 @@ def _indexed_source(n, size=12):
 
 @pytest.mark.parametrize("codec", ["raw", "png", "jpeg"])
 def test_record_roundtrip(codec):
-  image = _gradient(9, 13)
+  image = gradient_image(9, 13)
   record = sources.encode_record(image, 7, codec)
   assert record[:4] == b"AXJ1"
   out, label = sources.decode_record(record)
@@ -83,7 +64,7 @@ def test_record_roundtrip(codec):
 
 
 @pytest.mark.parametrize("record", [b"", b"AXJ1", b"XXXX" + bytes(16) + b"abc",
-                                    sources.encode_record(_gradient(4, 4), 1, "png")[:30]])
+                                    sources.encode_record(gradient_image(4, 4), 1, "png")[:30]])
 def test_decode_record_rejects_garbage(record):
   with pytest.raises(sources.CorruptRecordError):
     sources.decode_record(record)
@@ -204,7 +185,7 @@ def test_train_batches_shape_dtype(tiny_dir):
 
 def test_train_crop_windows_and_flips():
   size, crop = 12, 8
-  src = ListSource([(_gradient(size, size), i % 3) for i in range(20)])
+  src = ListSource([(gradient_image(size, size), i % 3) for i in range(20)])
   ds = pipeline.train_dataset(src, global_batch_size=10, crop_size=crop, seed=3)
   it = iter(ds)
   seen_flip, seen_plain, tops, lefts = 0, 0, set(), set()
@@ -229,7 +210,7 @@ def test_train_crop_windows_and_flips():
 
 
 def test_small_images_are_resized_up():
-  src = ListSource([(_gradient(20, 30), 0)] * 4)
+  src = ListSource([(gradient_image(20, 30), 0)] * 4)
   batch = next(iter(pipeline.train_dataset(src, global_batch_size=4, crop_size=32, seed=0)))
   assert batch["image"].shape == (4, 32, 32, 3)
   ev = next(iter(pipeline.eval_dataset(src, global_batch_size=4, crop_size=32)))
