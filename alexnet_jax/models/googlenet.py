@@ -54,7 +54,7 @@ class GoogLeNetSpec:
 
   def map_sizes(self) -> dict[str, int]:
     """Spatial size of the stem's outputs and of each stage's maps."""
-    pool = lambda s: (s + sum(layers.pad_for_ceil(s, 3, 2)) - 3) // 2 + 1
+    pool = lambda s: layers.ceil_pool_size(s, 3, 2)
     conv1 = (self.image_size + 6 - 7) // 2 + 1
     conv2 = pool(conv1)
     stage3 = pool(conv2)
@@ -152,7 +152,7 @@ class GoogLeNet(nnx.Module):
     acts = {}
     keep = lambda name, x: acts.__setitem__(name, x) if capture else None
     relu = jax.nn.relu
-    ceil_pool = lambda x: layers.max_pool_padded(x, 3, 2, layers.pad_for_ceil(x.shape[-2], 3, 2))
+    ceil_pool = lambda x: layers.max_pool_ceil(x, 3, 2)
     keys = [None] * 3
     if train and dropout_key is not None:
       keys = list(jax.random.split(dropout_key, 3))

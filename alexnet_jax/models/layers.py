@@ -301,10 +301,15 @@ class TowerDense(nnx.Module):
     return jnp.einsum('nf,tfo->tno', x, kernel.astype(x.dtype)) + bias[:, None, :].astype(x.dtype)
 
 
+def ceil_pool_size(size: int, window: int, stride: int, padding: int = 0) -> int:
+  """Caffe's rounded-up pooling output size ``ceil((size + 2·padding − window) / stride) + 1``
+  (GoogLeNet, ZFNet's 110 → 55 and 26 → 13)."""
+  return -(-(size + 2 * padding - window) // stride) + 1
+
+
 def pad_for_ceil(size: int, window: int, stride: int, padding: int = 0) -> tuple[int, int]:
-  """(low, high) padding that makes a pooling window/stride give Caffe's rounded-up output size
-  ``ceil((size + 2·padding − window) / stride) + 1`` (GoogLeNet, ZFNet's 110 → 55 and 26 → 13)."""
-  out = -(-(size + 2 * padding - window) // stride) + 1
+  """(low, high) padding that makes a pooling window/stride give ``ceil_pool_size``."""
+  out = ceil_pool_size(size, window, stride, padding)
   return padding, max(0, (out - 1) * stride + window - size - padding)
 
 
@@ -314,6 +319,11 @@ def max_pool_padded(x: jax.Array, window: int, stride: int, pad: tuple[int, int]
     return max_pool(x, window, stride)
   widths = [(0, 0)] * (x.ndim - 3) + [pad, pad, (0, 0)]
   return max_pool(jnp.pad(x, widths, constant_values=-jnp.inf), window, stride)
+
+
+def max_pool_ceil(x: jax.Array, window: int, stride: int) -> jax.Array:
+  """``max_pool`` rounding its output size up (``ceil_pool_size``), as Caffe pools."""
+  return max_pool_padded(x, window, stride, pad_for_ceil(x.shape[-2], window, stride))
 
 
 def avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:

@@ -60,7 +60,7 @@ class ZFNetSpec:
   def map_sizes(self) -> dict[str, int]:
     """Spatial size of each layer's output before pooling, and after each pooling."""
     conv = lambda s, name: (s + 2 * CONVS[name][2] - CONVS[name][0]) // CONVS[name][1] + 1
-    ceil_pool = lambda s: (s + sum(layers.pad_for_ceil(s, 3, 2)) - 3) // 2 + 1
+    ceil_pool = lambda s: layers.ceil_pool_size(s, 3, 2)
     conv1 = conv(self.image_size, 'conv1')
     pool1 = ceil_pool(conv1)
     conv2 = conv(pool1, 'conv2')
@@ -142,7 +142,7 @@ class ZFNet(nnx.Module):
         if capture:
           acts[name] = x
         if name in ('conv1', 'conv2'):
-          x = layers.normalize_for(self._lrn, deconv)(layers.max_pool_padded(x, 3, 2, layers.pad_for_ceil(x.shape[-2], 3, 2)))
+          x = layers.normalize_for(self._lrn, deconv)(layers.max_pool_ceil(x, 3, 2))
         elif name.startswith('conv') and name == names[len(names) - len(fcs) - 1]:
           x = layers.max_pool(x)
           x = x.reshape(*x.shape[:2], -1)
