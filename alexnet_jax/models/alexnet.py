@@ -53,9 +53,9 @@ class AlexNetSpec:
   def widths(self) -> dict[str, int]:
     """Layer widths scaled by ``width``, each a multiple of the tower count."""
     t = self.towers
-    widths = {name: max(t, int(round(w * self.width / t)) * t) for name, w in PAPER_WIDTHS.items()}
+    widths = {name: layers.scaled_width(w, self.width, t) for name, w in PAPER_WIDTHS.items()}
     if self.hybrid:  # the convolutions are one tower
-      widths.update({n: max(1, int(round(w * self.width))) for n, w in PAPER_WIDTHS.items()
+      widths.update({n: layers.scaled_width(w, self.width) for n, w in PAPER_WIDTHS.items()
                      if n.startswith('conv')})
     return widths
 

@@ -50,7 +50,7 @@ class GoogLeNetSpec:
   init: str = 'xavier'
 
   def scale(self, w: int) -> int:
-    return max(1, int(round(w * self.width)))
+    return layers.scaled_width(w, self.width)
 
   def map_sizes(self) -> dict[str, int]:
     """Spatial size of the stem's outputs and of each stage's maps."""

@@ -69,6 +69,12 @@ LOCAL_TOWERS = LocalTowers()
 ONE_TOWER = dict(towers=1, tower_axis=None)
 
 
+def scaled_width(width: int, scale: float, multiple: int = 1) -> int:
+  """The paper's layer ``width`` times ``scale``, rounded to a positive multiple of ``multiple``
+  (the tower count, for layers split over towers)."""
+  return max(multiple, int(round(width * scale / multiple)) * multiple)
+
+
 def split_towers(x: jax.Array, towers: int) -> jax.Array:
   """``(*dims, towers * c)`` → ``(towers, *dims, c)``."""
   *dims, c = x.shape

@@ -41,7 +41,7 @@ class ResNetSpec:
   bn_momentum: float = 0.9
 
   def scale(self, w: int) -> int:
-    return max(1, int(round(w * self.width)))
+    return layers.scaled_width(w, self.width)
 
   def validate(self) -> None:
     if self.depth not in DEPTHS:

@@ -45,7 +45,7 @@ class VGGSpec:
 
   def convs(self) -> list[tuple[str, int, int]]:
     """(name, kernel size, maps) of every convolution, in order."""
-    scale = lambda w: max(1, int(round(w * self.width)))
+    scale = lambda w: layers.scaled_width(w, self.width)
     return [(f'conv{s}_{i}', k, scale(STAGE_WIDTHS[s - 1]))
             for s, kernels in enumerate(VARIANTS[self.variant], 1)
             for i, k in enumerate(kernels, 1)]
@@ -66,7 +66,6 @@ class VGG(nnx.Module):
   def __init__(self, spec: VGGSpec, *, rngs: nnx.Rngs):
     spec.validate()
     self.spec = spec
-    scale = lambda w: max(1, int(round(w * spec.width)))
 
     def std(fan_in, fan_out):
       return dict(paper=spec.weight_std, glorot=(2.0 / (fan_in + fan_out)) ** 0.5, he=None)[spec.init]
@@ -80,7 +79,8 @@ class VGG(nnx.Module):
         setattr(self, name + '_bn', BatchNorm(cout))
       cin = cout
     fin = (spec.image_size // 32) ** 2 * cin
-    for name, out in (('fc6', scale(4096)), ('fc7', scale(4096)), ('fc8', spec.num_classes)):
+    fc_width = layers.scaled_width(4096, spec.width)
+    for name, out in (('fc6', fc_width), ('fc7', fc_width), ('fc8', spec.num_classes)):
       setattr(self, name, TowerDense(fin, out, **ONE_TOWER, weight_std=std(fin, out), rngs=rngs))
       fin = out
 

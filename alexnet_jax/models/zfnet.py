@@ -52,7 +52,7 @@ class ZFNetSpec:
   init: str = 'paper'   # 'paper': N(0, weight_std), biases 0; 'he': N(0, 2/fan_in), for small nets
 
   def widths(self) -> dict[str, int]:
-    scale = lambda w: max(1, int(round(w * self.width)))
+    scale = lambda w: layers.scaled_width(w, self.width)
     c3, c4, c5 = self.conv_widths
     return dict(conv1=scale(96), conv2=scale(256), conv3=scale(c3), conv4=scale(c4),
                 conv5=scale(c5), fc6=scale(self.fc_width), fc7=scale(self.fc_width))
