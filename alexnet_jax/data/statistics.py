@@ -5,8 +5,7 @@ principal components of the RGB values of all training pixels. Both come from ru
 in float64, so any number of images, visited in any order or in pieces (shards, processes), gives
 the same result as one big NumPy computation:
 
-  sum_image (S, S, 3)   Σ images                    → mean image
-  sum_rgb   (3,)        Σ pixels                    → RGB mean
+  sum_image (S, S, 3)   Σ images                    → mean image; summed over pixels, RGB mean
   sum_outer (3, 3)      Σ pixel pixelᵀ              → RGB covariance = E[x xᵀ] − μ μᵀ
 
 Sums are of pixels minus 128 (exact in float64, and it keeps E[x xᵀ] − μ μᵀ free of cancellation).
@@ -48,7 +47,6 @@ class Accumulator:
     self.size = int(size)
     self.count = 0
     self.sum_image = np.zeros((self.size, self.size, 3), np.float64)
-    self.sum_rgb = np.zeros(3, np.float64)
     self.sum_outer = np.zeros((3, 3), np.float64)
 
   def add(self, image: np.ndarray) -> None:
@@ -57,7 +55,6 @@ class Accumulator:
     x = image.astype(np.float64) - _SHIFT
     self.sum_image += x
     pixels = x.reshape(-1, 3)
-    self.sum_rgb += pixels.sum(axis=0)
     self.sum_outer += pixels.T @ pixels
     self.count += 1
 
@@ -66,19 +63,16 @@ class Accumulator:
       raise ValueError(f'cannot merge statistics of {other.size}px images into {self.size}px')
     self.count += other.count
     self.sum_image += other.sum_image
-    self.sum_rgb += other.sum_rgb
     self.sum_outer += other.sum_outer
 
   def state(self) -> dict[str, np.ndarray]:
-    return dict(count=np.int64(self.count), sum_image=self.sum_image, sum_rgb=self.sum_rgb,
-                sum_outer=self.sum_outer)
+    return dict(count=np.int64(self.count), sum_image=self.sum_image, sum_outer=self.sum_outer)
 
   @classmethod
   def from_state(cls, state) -> 'Accumulator':
     acc = cls(state['sum_image'].shape[0])
     acc.count = int(state['count'])
     acc.sum_image = np.array(state['sum_image'], np.float64)
-    acc.sum_rgb = np.array(state['sum_rgb'], np.float64)
     acc.sum_outer = np.array(state['sum_outer'], np.float64)
     return acc
 
@@ -86,7 +80,7 @@ class Accumulator:
     if self.count == 0:
       raise ValueError('no images: statistics need at least one training image')
     pixels = self.count * self.size * self.size
-    centred_mean = self.sum_rgb / pixels
+    centred_mean = self.sum_image.sum(axis=(0, 1)) / pixels  # the RGB sum, derived
     cov = self.sum_outer / pixels - np.outer(centred_mean, centred_mean)
     cov = (cov + cov.T) / 2
     eigvals, eigvecs = np.linalg.eigh(cov)
