@@ -122,17 +122,14 @@ class _Padding(grain.transforms.Map):
   """Maps any index to a padding example (zeros, label 0, mask 0) shaped like the views."""
 
   def __init__(self, crop_size: int, views: str = "center"):
-    self.crop_size = int(crop_size)
-    self.views = views
+    c = int(crop_size)
+    views_axis = () if views == "center" else (len(augment.view_windows(c, c, c, views)),)
+    self.shape = views_axis + (c, c, 3)
 
   def map(self, element):
     del element
-    shape = (self.crop_size, self.crop_size, 3)
-    n = len(augment.view_windows(self.crop_size, self.crop_size, self.crop_size, self.views))
-    if self.views != "center":
-      shape = (n,) + shape
-    return {"image": np.zeros(shape, np.uint8), "label": np.int32(0),
-            "crop": np.zeros(shape[:-3] + (3,), np.int32), "mask": np.float32(0.0)}
+    return {"image": np.zeros(self.shape, np.uint8), "label": np.int32(0),
+            "crop": np.zeros(self.shape[:-3] + (3,), np.int32), "mask": np.float32(0.0)}
 
 
 # ---------------------------------------------------------------------------
