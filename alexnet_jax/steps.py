@@ -64,21 +64,33 @@ def mean_windows(mean_image: jax.Array, crop, n: int, size: int) -> jax.Array:
   return jax.vmap(one)(crop.astype(jnp.int32))
 
 
+def _tower_log_normalizer(logits: jax.Array, ctx: MeshContext) -> jax.Array:
+  """log Σ exp over all classes of ``(local_towers, batch, classes_per_tower)`` float32 logits,
+  assembled over the towers (a max and a sum across them); ``(batch,)``."""
+  shift = ctx.tower_max(jnp.max(jax.lax.stop_gradient(logits), axis=(0, 2)))
+  sum_exp = ctx.tower_sum(jnp.sum(jnp.exp(logits - shift[None, :, None]), axis=(0, 2)))
+  return jnp.log(sum_exp) + shift
+
+
+def _tower_label_mask(shape, labels: jax.Array, ctx: MeshContext) -> jax.Array:
+  """``(local_towers, batch, classes_per_tower)`` booleans: where this device's classes are the
+  labels."""
+  local_towers, _, per_tower = shape
+  tower_ids = ctx.first_tower(local_towers) + jnp.arange(local_towers)
+  class_ids = tower_ids[:, None] * per_tower + jnp.arange(per_tower)[None, :]  # (towers, per_tower)
+  return class_ids[:, None, :] == labels[None, :, None]
+
+
 def tower_split_cross_entropy(logits: jax.Array, labels: jax.Array, ctx: MeshContext):
   """Softmax cross-entropy and the label's rank from logits split over towers.
 
   ``logits``: ``(local_towers, batch, classes_per_tower)``, this device's towers' classes.
   Returns ``(cross_entropy, rank)`` per example; rank 0 means top-1 correct, < 5 top-5 correct.
   """
-  local_towers, _, per_tower = logits.shape
   logits = logits.astype(jnp.float32)
   with jax.named_scope('loss'):
-    shift = ctx.tower_max(jnp.max(jax.lax.stop_gradient(logits), axis=(0, 2)))
-    sum_exp = ctx.tower_sum(jnp.sum(jnp.exp(logits - shift[None, :, None]), axis=(0, 2)))
-    log_z = jnp.log(sum_exp) + shift
-    tower_ids = ctx.first_tower(local_towers) + jnp.arange(local_towers)
-    class_ids = tower_ids[:, None] * per_tower + jnp.arange(per_tower)[None, :]  # (towers, per_tower)
-    is_label = class_ids[:, None, :] == labels[None, :, None]
+    log_z = _tower_log_normalizer(logits, ctx)
+    is_label = _tower_label_mask(logits.shape, labels, ctx)
     label_logit = ctx.tower_sum(jnp.sum(jnp.where(is_label, logits, 0.0), axis=(0, 2)))
     above = jax.lax.stop_gradient(logits) > jax.lax.stop_gradient(label_logit)[None, :, None]
     rank = ctx.tower_sum(jnp.sum(above, axis=(0, 2), dtype=jnp.int32))
@@ -96,14 +108,9 @@ def tower_split_view_average(logits: jax.Array, labels: jax.Array, ctx: MeshCont
   local_towers, n, per_tower = logits.shape
   logits = logits.astype(jnp.float32)
   with jax.named_scope('loss'):
-    shift = ctx.tower_max(jnp.max(logits, axis=(0, 2)))
-    sum_exp = ctx.tower_sum(jnp.sum(jnp.exp(logits - shift[None, :, None]), axis=(0, 2)))
-    log_z = jnp.log(sum_exp) + shift
-    probs = jnp.exp(logits - log_z[None, :, None])
+    probs = jnp.exp(logits - _tower_log_normalizer(logits, ctx)[None, :, None])
     probs = probs.reshape(local_towers, n // views, views, per_tower).mean(axis=2)
-    tower_ids = ctx.first_tower(local_towers) + jnp.arange(local_towers)
-    class_ids = tower_ids[:, None] * per_tower + jnp.arange(per_tower)[None, :]
-    is_label = class_ids[:, None, :] == labels[None, :, None]
+    is_label = _tower_label_mask(probs.shape, labels, ctx)
     label_prob = ctx.tower_sum(jnp.sum(jnp.where(is_label, probs, 0.0), axis=(0, 2)))
     rank = ctx.tower_sum(jnp.sum(probs > label_prob[None, :, None], axis=(0, 2), dtype=jnp.int32))
   return -jnp.log(jnp.maximum(label_prob, jnp.finfo(jnp.float32).tiny)), rank
