@@ -125,6 +125,7 @@ class ZFNet(nnx.Module):
     relu = layers.relu_for(deconv)
     names = self.spec.layer_names()
     fcs = [n for n in names if n.startswith('fc')]
+    last_conv = names[len(names) - len(fcs) - 1]  # pooled and flattened into the fc layers
     keys = [None] * len(fcs)
     if train and dropout_key is not None:
       keys = list(jax.random.split(dropout_key, len(fcs)))
@@ -143,7 +144,7 @@ class ZFNet(nnx.Module):
           acts[name] = x
         if name in ('conv1', 'conv2'):
           x = layers.normalize_for(self._lrn, deconv)(layers.max_pool_ceil(x, 3, 2))
-        elif name.startswith('conv') and name == names[len(names) - len(fcs) - 1]:
+        elif name == last_conv:
           x = layers.max_pool(x)
           x = x.reshape(*x.shape[:2], -1)
     if gather_logits:
