@@ -97,7 +97,7 @@ def numpy_projection(params, acts, example, layer, mp, row, col):
 def test_projection_equals_unpool_rectify_transposed_filters(net, layer):
   _, apply, params, images = net
   _, acts = apply(params, images, False)
-  towers, per_tower = acts[layer].shape[0], acts[layer].shape[-1]
+  per_tower = acts[layer].shape[-1]
   maps, positions, expected = [], [], []
   for n, tower in [(0, 0), (1, 1), (2, 0), (2, 1)]:   # maps of both towers
     for channel in range(per_tower):  # the first map whose projection is not rectified away

@@ -1,7 +1,6 @@
 """The paper's update rule, the learning-rate schedules and the plateau controller."""
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
