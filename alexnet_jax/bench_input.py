@@ -185,21 +185,16 @@ def measure_pipelines(*, data: str | None, data_dir: str | None, folder: str | N
 
 def measure_overlap(config, *, steps: int, warmup: int, repeats: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import program, sharding, train  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import program, train  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import sources  # pylint: disable=g-import-not-at-top
   inp = config.input
   resize_to = inp.get('resize_to')
   source = sources.open_source(config.dataset, config.dataset.train_split, min_side=resize_to)
   stats = train.input_statistics(config, source)
   prog = program.build_program(config, steps_per_epoch=100, input_stats=stats)
-  put = lambda b: sharding.put_batch(b, prog.mesh)
 
   def make_iter():
-    return pipeline.DevicePrefetch(iter(pipeline.train_dataset(
-        source, global_batch_size=config.batch_size, crop_size=config.model.image_size,
-        seed=config.seed, workers=inp.workers, resize_to=resize_to,
-        random_crop=inp.get('random_crop', True), flip=inp.get('flip', True),
-        pca_std=inp.get('pca_lighting_std', 0.0))), put, size=inp.get('prefetch_batches', 2))
+    return train.train_batches(config, source, prog.mesh)
 
   state = prog.init_state()
   it = make_iter()

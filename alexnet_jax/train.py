@@ -45,6 +45,20 @@ def input_statistics(config, train_source):
                            workers=inp.workers)
 
 
+def train_batches(config, train_source, mesh) -> pipeline.DevicePrefetch:
+  """This process's training batches with ``config.input``'s augmentation, arriving on ``mesh``
+  ``prefetch_batches`` ahead of the step; its checkpoint records the position of the next batch
+  the step will see."""
+  inp = config.input
+  return pipeline.DevicePrefetch(iter(pipeline.train_dataset(
+      train_source, global_batch_size=config.batch_size, crop_size=config.model.image_size,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      workers=inp.workers, resize_to=inp.get('resize_to'), random_crop=inp.get('random_crop', True),
+      flip=inp.get('flip', True), pca_std=inp.get('pca_lighting_std', 0.0),
+      worker_niceness=inp.get('worker_niceness', 0))),
+      put=lambda b: sharding.put_batch(b, mesh), size=inp.get('prefetch_batches', 2))
+
+
 def _check_data(config, train_source) -> None:
   classes = train_source.num_classes
   if classes != config.model.num_classes:
@@ -85,14 +99,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       eval_source, global_batch_size=config.eval_batch_size, crop_size=config.model.image_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
       workers=inp.workers, resize_to=resize_to, views=inp.get('eval_views', 'center'))
-  # Batches arrive on the device, prefetch_batches ahead of the step; checkpoints record the
-  # position of the next batch the step will see.
-  train_iter = pipeline.DevicePrefetch(iter(pipeline.train_dataset(
-      train_source, global_batch_size=config.batch_size, crop_size=config.model.image_size,
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      workers=inp.workers, resize_to=resize_to, random_crop=inp.get('random_crop', True),
-      flip=inp.get('flip', True), pca_std=inp.get('pca_lighting_std', 0.0))),
-      put=lambda b: sharding.put_batch(b, mesh), size=inp.get('prefetch_batches', 2))
+  train_iter = train_batches(config, train_source, mesh)
 
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), config.checkpoint,

@@ -446,3 +446,23 @@ def test_tfds_array_record_source(tmp_path):
   assert len(batches) == 1 and batches[0]["mask"].sum() == 4
   with pytest.raises(sources.DatasetNotFoundError, match="no split"):
     sources.open_source(cfg, "extra")
+
+
+class _NicenessSource:
+  """Each example's label is the niceness of the process that read it."""
+
+  def __len__(self):
+    return 8
+
+  def __getitem__(self, i):
+    return {'image': np.zeros((8, 8, 3), np.uint8), 'label': np.int32(os.nice(0))}
+
+
+@pytest.mark.parametrize('niceness', [0, 7])
+def test_input_workers_run_at_the_configured_niceness(niceness):
+  ds = pipeline.train_dataset(_NicenessSource(), global_batch_size=4, crop_size=8, seed=0,
+                              workers=1, worker_niceness=niceness)
+  it = iter(ds)
+  labels = next(it)['label']
+  it.close()
+  np.testing.assert_array_equal(labels, os.nice(0) + niceness)

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import json
 import math
+import os
 
 import grain
 import numpy as np
@@ -150,13 +152,22 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _lower_priority(niceness: int, worker_index: int, worker_count: int) -> None:
+  """grain's worker start-up: a nicer worker yields the CPU to the training process's compute
+  threads and fills their idle gaps instead (it only has to keep the prefetch buffer full)."""
+  del worker_index, worker_count
+  os.nice(niceness)
+
+
 def _finish(ds: grain.MapDataset, *, workers: int, read_threads: int,
-            prefetch_buffer: int) -> grain.IterDataset:
+            prefetch_buffer: int, worker_niceness: int = 0) -> grain.IterDataset:
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=prefetch_buffer))
   if workers > 0:
     _ensure_absl_flags_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    init = functools.partial(_lower_priority, worker_niceness) if worker_niceness else None
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                              worker_init_fn=init)
   return it_ds
 
 
@@ -164,13 +175,14 @@ def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, workers: int = 0,
                   prefetch_buffer: int = 4, read_threads: int = 4,
                   resize_to: int | None = None, random_crop: bool = True, flip: bool = True,
-                  pca_std: float = 0.0) -> grain.IterDataset:
+                  pca_std: float = 0.0, worker_niceness: int = 0) -> grain.IterDataset:
   """Endless, shuffled, augmented training batches for this process.
 
   source → slice [process_index::process_count] → seed → shuffle (reshuffled every
   epoch) → repeat forever → TrainAugment → batch(local_batch, drop_remainder) →
   to_iter_dataset (read_threads threads, prefetch_buffer batches) → mp_prefetch
-  (when workers > 0; each worker keeps its own copy of the source).
+  (when workers > 0; each worker keeps its own copy of the source, and runs ``worker_niceness``
+  steps nicer than this process).
 
   Returns an `IterDataset`; `iter()` of it is a checkpointable `DatasetIterator`.
   """
@@ -188,7 +200,7 @@ def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
                                   pca_std=pca_std))
   ds = ds.batch(local, drop_remainder=True)
   return _finish(ds, workers=workers, read_threads=read_threads,
-                 prefetch_buffer=prefetch_buffer)
+                 prefetch_buffer=prefetch_buffer, worker_niceness=worker_niceness)
 
 
 def eval_dataset(source, *, global_batch_size: int, crop_size: int, process_index: int = 0,
