@@ -42,10 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
       mean_rgb=IMAGENET_MEAN_RGB, std_rgb=IMAGENET_STD_RGB, workers=4, prefetch_batches=2,
       resize_to=ml_collections.FieldReference(256, field_type=int), mean_image=True,
       random_crop=True, flip=True, pca_lighting_std=0.1, eval_views='ten',
-      # Training input workers run this much nicer than the training process: where the host's
-      # cores also compute the steps (CPU training) they take only the compute's idle cycles
-      # (demo: 0.85 → 0.93 of the fixed-batch speed); elsewhere they have the cores to themselves.
-      worker_niceness=19))
+      # How training input workers share the CPU with the steps (data.pipeline.WORKER_PRIORITIES):
+      # 'normal', 'low' (nice 19) or 'idle' (SCHED_IDLE: only the cycles the compute leaves idle;
+      # for CPU training, see configs/demo.py).
+      worker_priority='low'))
 
   c.batch_size = 128          # global, over all devices and hosts
   c.eval_batch_size = 256

@@ -55,7 +55,7 @@ def train_batches(config, train_source, mesh) -> pipeline.DevicePrefetch:
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       workers=inp.workers, resize_to=inp.get('resize_to'), random_crop=inp.get('random_crop', True),
       flip=inp.get('flip', True), pca_std=inp.get('pca_lighting_std', 0.0),
-      worker_niceness=inp.get('worker_niceness', 0))),
+      worker_priority=inp.get('worker_priority', 'normal'))),
       put=lambda b: sharding.put_batch(b, mesh), size=inp.get('prefetch_batches', 2))
 
 

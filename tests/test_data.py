@@ -448,21 +448,27 @@ def test_tfds_array_record_source(tmp_path):
     sources.open_source(cfg, "extra")
 
 
-class _NicenessSource:
-  """Each example's label is the niceness of the process that read it."""
+class _PrioritySource:
+  """Each example's label tells how the process that read it is scheduled: its niceness, and
+  100 more under SCHED_IDLE."""
 
   def __len__(self):
     return 8
 
   def __getitem__(self, i):
-    return {'image': np.zeros((8, 8, 3), np.uint8), 'label': np.int32(os.nice(0))}
+    idle = os.sched_getscheduler(0) == os.SCHED_IDLE
+    return {'image': np.zeros((8, 8, 3), np.uint8), 'label': np.int32(os.nice(0) + 100 * idle)}
 
 
-@pytest.mark.parametrize('niceness', [0, 7])
-def test_input_workers_run_at_the_configured_niceness(niceness):
-  ds = pipeline.train_dataset(_NicenessSource(), global_batch_size=4, crop_size=8, seed=0,
-                              workers=1, worker_niceness=niceness)
+@pytest.mark.parametrize('priority, niceness, idle', [('normal', 0, 0), ('low', 19, 0),
+                                                      ('idle', 19, 1)])
+def test_input_workers_run_at_the_configured_priority(priority, niceness, idle):
+  ds = pipeline.train_dataset(_PrioritySource(), global_batch_size=4, crop_size=8, seed=0,
+                              workers=1, worker_priority=priority)
   it = iter(ds)
   labels = next(it)['label']
   it.close()
-  np.testing.assert_array_equal(labels, os.nice(0) + niceness)
+  np.testing.assert_array_equal(labels, min(os.nice(0) + niceness, 19) + 100 * idle)
+  with pytest.raises(ValueError, match="unknown input.worker_priority 'high'"):
+    pipeline.train_dataset(_PrioritySource(), global_batch_size=4, crop_size=8, seed=0, workers=1,
+                           worker_priority='high')

@@ -152,20 +152,36 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def _lower_priority(niceness: int, worker_index: int, worker_count: int) -> None:
-  """grain's worker start-up: a nicer worker yields the CPU to the training process's compute
-  threads and fills their idle gaps instead (it only has to keep the prefetch buffer full)."""
+# How the training input's worker processes share the CPU with the training process. Where the
+# host's cores also compute the steps (CPU training), the workers only have to keep the prefetch
+# buffer full and should take the compute's idle cycles, not its time slices.
+WORKER_PRIORITIES = {
+    'normal': 'the same priority as the training process',
+    'low': 'nice 19: the scheduler favours the training process',
+    'idle': 'SCHED_IDLE (Linux): workers run only on cycles the training process leaves idle',
+}
+
+
+def _set_worker_priority(priority: str, worker_index: int, worker_count: int) -> None:
+  """grain's worker start-up (see ``WORKER_PRIORITIES``)."""
   del worker_index, worker_count
-  os.nice(niceness)
+  if priority in ('low', 'idle'):
+    os.nice(19)
+  if priority == 'idle' and hasattr(os, 'SCHED_IDLE'):
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def _finish(ds: grain.MapDataset, *, workers: int, read_threads: int,
-            prefetch_buffer: int, worker_niceness: int = 0) -> grain.IterDataset:
+            prefetch_buffer: int, worker_priority: str = 'normal') -> grain.IterDataset:
+  if worker_priority not in WORKER_PRIORITIES:
+    raise ValueError(f'unknown input.worker_priority {worker_priority!r}; choose one of '
+                     f'{", ".join(WORKER_PRIORITIES)}')
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=prefetch_buffer))
   if workers > 0:
     _ensure_absl_flags_parsed()
-    init = functools.partial(_lower_priority, worker_niceness) if worker_niceness else None
+    init = (functools.partial(_set_worker_priority, worker_priority)
+            if worker_priority != 'normal' else None)
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
                               worker_init_fn=init)
   return it_ds
@@ -175,14 +191,14 @@ def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, workers: int = 0,
                   prefetch_buffer: int = 4, read_threads: int = 4,
                   resize_to: int | None = None, random_crop: bool = True, flip: bool = True,
-                  pca_std: float = 0.0, worker_niceness: int = 0) -> grain.IterDataset:
+                  pca_std: float = 0.0, worker_priority: str = 'normal') -> grain.IterDataset:
   """Endless, shuffled, augmented training batches for this process.
 
   source → slice [process_index::process_count] → seed → shuffle (reshuffled every
   epoch) → repeat forever → TrainAugment → batch(local_batch, drop_remainder) →
   to_iter_dataset (read_threads threads, prefetch_buffer batches) → mp_prefetch
-  (when workers > 0; each worker keeps its own copy of the source, and runs ``worker_niceness``
-  steps nicer than this process).
+  (when workers > 0; each worker keeps its own copy of the source and runs at
+  ``worker_priority``, one of ``WORKER_PRIORITIES``).
 
   Returns an `IterDataset`; `iter()` of it is a checkpointable `DatasetIterator`.
   """
@@ -200,7 +216,7 @@ def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
                                   pca_std=pca_std))
   ds = ds.batch(local, drop_remainder=True)
   return _finish(ds, workers=workers, read_threads=read_threads,
-                 prefetch_buffer=prefetch_buffer, worker_niceness=worker_niceness)
+                 prefetch_buffer=prefetch_buffer, worker_priority=worker_priority)
 
 
 def eval_dataset(source, *, global_batch_size: int, crop_size: int, process_index: int = 0,
