@@ -240,3 +240,23 @@ def test_cli_reports_and_fails_in_one_line(folder, tmp_path):
   bad = run(f'--source={tmp_path}/missing', '--name=cli2', f'--data_dir={tmp_path}')
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1].startswith('error:') and 'missing' in bad.stderr
+
+
+def test_bench_input_times_every_pipeline(tmp_path):
+  """bench_input's folder → prepared set → figures path, on a few ImageNet-like JPEGs."""
+  from alexnet_jax import bench_input
+  jpegs, data_dir = str(tmp_path / 'jpegs'), str(tmp_path / 'tfds')
+  bench_input.make_folder(jpegs, 20, classes=2)
+  sizes = [Image.open(os.path.join(jpegs, 'class_000', f)).size
+           for f in sorted(os.listdir(os.path.join(jpegs, 'class_000')))]
+  assert len(sizes) == 10 and all(300 <= max(s) <= 600 for s in sizes)
+  prepare.prepare(jpegs, 'bench', data_dir=data_dir, val_fraction=0.2, workers=0, progress=False)
+  r = bench_input.measure_pipelines(data='bench', data_dir=data_dir, folder=jpegs, workers=0,
+                                    batch_size=4, crop=64, batches=2, warmup=1, repeats=1,
+                                    use_torch=True)
+  ips = r['images_per_second']
+  assert {'grain, prepared set', 'grain, original JPEGs'} <= set(ips)
+  assert all(v > 0 for v in ips.values())
+  if 'torch, original JPEGs' in ips:  # the bench extra is installed
+    assert set(r['ratios_vs_torch']) == {'grain, prepared set', 'grain, original JPEGs'}
+    assert 'PIL transforms' in r['torch_baseline'] or 'torchvision' in r['torch_baseline']
