@@ -169,6 +169,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       manager.wait_until_finished()
       raise SystemExit(f'preempted: checkpoint saved at step {step}')
 
+  train_iter.close()  # its worker processes and their shared-memory buffers
   manager.wait_until_finished()
   manager.close()
   writer.close()
