@@ -51,3 +51,18 @@ class ListSource:
   def __getitem__(self, i):
     image, label = self.items[i]
     return {'image': image, 'label': np.int32(label)}
+
+
+def interrupt_on_call(monkeypatch, module, name: str, n: int) -> None:
+  """Replaces ``module.name`` with a wrapper that raises KeyboardInterrupt on its ``n``-th call
+  (a user's Ctrl-C in the middle of writing a data set)."""
+  real = getattr(module, name)
+  calls = [0]
+
+  def flaky(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+      raise KeyboardInterrupt('simulated interruption')
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, flaky)

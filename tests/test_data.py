@@ -14,7 +14,7 @@ from PIL import Image
 from alexnet_jax.data import builtin
 from alexnet_jax.data import pipeline
 from alexnet_jax.data import sources
-from conftest import ListSource, gradient_image
+from conftest import ListSource, gradient_image, interrupt_on_call
 
 TINY = dict(num_train=64, num_val=24, image_size=40, seed=0)
 
@@ -117,17 +117,8 @@ def test_builtin_content(tiny_dir):
 def test_ensure_builtin_is_atomic_and_idempotent(tmp_path, monkeypatch):
   root = str(tmp_path)
   final = builtin.builtin_directory(root, **TINY)
-  calls = {"n": 0}
-  real_encode = builtin._encode_example
-  real_write = builtin._write_set
-
-  def flaky(args):
-    calls["n"] += 1
-    if calls["n"] == 40:
-      raise KeyboardInterrupt("simulated interruption")
-    return real_encode(args)
-
-  monkeypatch.setattr(builtin, "_encode_example", flaky)
+  real_encode, real_write = builtin._encode_example, builtin._write_set
+  interrupt_on_call(monkeypatch, builtin, "_encode_example", 40)
   with pytest.raises(KeyboardInterrupt):
     builtin.ensure_builtin(root, progress=False, num_workers=0, **TINY)
   assert not os.path.exists(final)

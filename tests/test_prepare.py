@@ -12,6 +12,7 @@ from PIL import Image
 
 from alexnet_jax import prepare
 from alexnet_jax.data import augment, sources, statistics
+from conftest import interrupt_on_call
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,16 +170,8 @@ def test_resume_after_interruption(folder, prepared, tmp_path, monkeypatch):
   _, reference = prepared
   kwargs = dict(data_dir=str(tmp_path), val_fraction=0.2, image_size=64, examples_per_shard=4,
                 workers=0, progress=False, max_pixels=SMALL_LIMIT)
-  calls = {'n': 0}
   real = prepare.process_file
-
-  def flaky(task):
-    calls['n'] += 1
-    if calls['n'] == 10:
-      raise KeyboardInterrupt('simulated interruption')
-    return real(task)
-
-  monkeypatch.setattr(prepare, 'process_file', flaky)
+  interrupt_on_call(monkeypatch, prepare, 'process_file', 10)
   with pytest.raises(KeyboardInterrupt):
     prepare.prepare(root, 'photos', **kwargs)
   directory = os.path.join(str(tmp_path), 'photos')
@@ -193,8 +186,6 @@ def test_resume_after_interruption(folder, prepared, tmp_path, monkeypatch):
   with pytest.raises(prepare.PrepareError, match='unfinished preparation'):
     prepare.prepare(root, 'photos', **{**kwargs, 'image_size': 32})
 
-  monkeypatch.setattr(prepare, 'process_file', real)
-  calls['n'] = 0
   counted = []
   monkeypatch.setattr(prepare, 'process_file', lambda t: counted.append(t) or real(t))
   assert prepare.prepare(root, 'photos', **kwargs) == directory
