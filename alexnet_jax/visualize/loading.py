@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from alexnet_jax import checkpointing
+from alexnet_jax.steps import normalize as normalize_on_device
 from alexnet_jax.visualize import deconvnet
 
 BATCH = 'batch'
@@ -46,8 +47,8 @@ def _bucket(n: int, devices: int, cap: int) -> int:
 def normalizer(mean_rgb, std_rgb) -> Callable[[jax.Array], jax.Array]:
   """uint8-valued images → the model's input. Closes over the two colours only (not a network), so
   functions cached in ``_COMPILED`` keep no parameters alive."""
-  mean, std = np.asarray(mean_rgb, np.float32), np.asarray(std_rgb, np.float32)
-  return lambda images: (jnp.asarray(images, jnp.float32) - mean) / std
+  mean_rgb, std_rgb = tuple(mean_rgb), tuple(std_rgb)
+  return lambda images: normalize_on_device(jnp.asarray(images), mean_rgb, std_rgb, jnp.float32)
 
 
 # (apply, mean, std, key) → jitted function, shared by every ``Network`` of one architecture (a
