@@ -134,6 +134,22 @@ def test_conv_as_matmul_equals_xla_convolution(stride, padding):
   np.testing.assert_allclose(layers.conv2d_as_matmul(x, k, stride, padding), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('window, stride, size', [(3, 2, 13), (3, 2, 14), (2, 2, 9), (3, 1, 7),
+                                                  (3, 3, 11)])
+def test_max_pool_gradient_matches_reduce_window_with_ties(window, stride, size):
+  # After a ReLU many windows hold several equal maxima (zeros): the gradient must go to the
+  # first of them, as XLA's own select-and-scatter gradient of reduce_window does.
+  rng = np.random.default_rng(window * 100 + stride * 10 + size)
+  a = np.maximum(rng.normal(size=(2, 3, size, size, 4)), 0).round(1).astype(np.float32)
+  reduce_window = lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, window, window, 1),
+                                                  (1, 1, stride, stride, 1), 'VALID')
+  y, vjp = jax.vjp(lambda x: layers.max_pool(x, window, stride), jnp.asarray(a))
+  y_ref, vjp_ref = jax.vjp(reduce_window, jnp.asarray(a))
+  np.testing.assert_array_equal(y, y_ref)
+  g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+  np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6, atol=1e-6)  # summation order
+
+
 def test_max_pool_gradient_goes_to_each_window_maximum():
   rng = np.random.default_rng(1)
   a = rng.normal(size=(2, 9, 9, 3)).astype(np.float32)
