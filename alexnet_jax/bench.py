@@ -12,6 +12,7 @@ Timing only — the figures never gate a test.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 
@@ -63,7 +64,11 @@ def bare_step(graphdef, config, dtype, batch_stats=None):
   return jax.jit(step, donate_argnums=0)
 
 
-def measure(config, *, batch_size: int, steps: int, warmup: int, repeats: int) -> dict:
+def measure(config, *, batch_size: int, steps: int, warmup: int, repeats: int,
+            with_torch: bool = False) -> dict:
+  """Images/s of the framework's step, the bare step and (``with_torch`` and torch installed)
+  PyTorch eager, measured in alternating rounds (drift on a noisy machine hits all alike), the
+  best round of each kept."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from alexnet_jax import program, sharding  # pylint: disable=g-import-not-at-top
@@ -88,12 +93,17 @@ def measure(config, *, batch_size: int, steps: int, warmup: int, repeats: int) -
   bare_state = (params, jax.tree.map(jnp.zeros_like, params), jax.random.PRNGKey(0))
   bare_batch = jax.device_put(host_batch, device)
 
-  framework_s, bare_s = [], []
-  for _ in range(repeats):  # alternate, so drift on a noisy machine hits both alike
+  trainer = _torch_trainer(config, batch_size) if with_torch else None
+  if trainer is not None and warmup:
+    trainer.time_steps(warmup)
+  framework_s, bare_s, torch_s = [], [], []
+  for _ in range(repeats):
     state, dt = _time_steps(prog.train_step, state, batch, steps, warmup)
     framework_s.append(dt)
     bare_state, dt = _time_steps(bare, bare_state, bare_batch, steps, warmup)
     bare_s.append(dt)
+    if trainer is not None:
+      torch_s.append(trainer.time_steps(steps))
   result = dict(
       model=config.model.name, towers=config.model.get('towers', 1), batch_size=batch_size,
       image_size=size, dtype=config.compute_dtype, mesh=dict(prog.mesh.shape),
@@ -102,20 +112,24 @@ def measure(config, *, batch_size: int, steps: int, warmup: int, repeats: int) -
       bare_jit_images_per_second=batch_size / min(bare_s),
       step_gflops=flops / 1e9)
   result['framework_vs_bare_jit'] = result['framework_images_per_second'] / result['bare_jit_images_per_second']
+  if torch_s:
+    result['torch_eager_images_per_second'] = batch_size / min(torch_s)
+    result['framework_vs_torch_eager'] = (result['framework_images_per_second']
+                                          / result['torch_eager_images_per_second'])
+    result['bare_jit_vs_torch_eager'] = (result['bare_jit_images_per_second']
+                                         / result['torch_eager_images_per_second'])
   return result
 
 
-def measure_torch(config, *, batch_size: int, steps: int, warmup: int) -> dict | None:
-  try:
-    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+def _torch_trainer(config, batch_size: int):
+  """PyTorch eager on the same network and batch, or None without torch (the ``bench`` extra)."""
+  if importlib.util.find_spec('torch') is None:
     return None
   from alexnet_jax import bench_torch  # pylint: disable=g-import-not-at-top
   m = config.model
-  return bench_torch.torch_train_images_per_second(
-      towers=m.get('towers', 1), batch_size=batch_size, image_size=m.image_size,
-      num_classes=m.num_classes, width=m.width, steps=steps, warmup=warmup,
-      dtype=config.compute_dtype)
+  return bench_torch.TorchTrainer(towers=m.get('towers', 1), batch_size=batch_size,
+                                  image_size=m.image_size, num_classes=m.num_classes,
+                                  width=m.width, dtype=config.compute_dtype)
 
 
 def main(argv):
@@ -127,13 +141,7 @@ def main(argv):
   distributed.initialize(config)
   batch = flags.FLAGS.batch_size or config.batch_size
   result = measure(config, batch_size=batch, steps=flags.FLAGS.steps, warmup=flags.FLAGS.warmup,
-                   repeats=flags.FLAGS.repeats)
-  if flags.FLAGS.torch:
-    torch_result = measure_torch(config, batch_size=batch, steps=flags.FLAGS.steps, warmup=flags.FLAGS.warmup)
-    if torch_result:
-      result['torch_eager_images_per_second'] = torch_result['images_per_second']
-      result['framework_vs_torch_eager'] = (result['framework_images_per_second']
-                                            / torch_result['images_per_second'])
+                   repeats=flags.FLAGS.repeats, with_torch=flags.FLAGS.torch)
   if flags.FLAGS.peak_tflops:
     achieved = result['step_gflops'] * result['framework_images_per_second'] / batch / 1e3
     result['model_flop_utilisation'] = achieved / flags.FLAGS.peak_tflops
@@ -147,7 +155,8 @@ def main(argv):
         f'ratio {result["framework_vs_bare_jit"]:.3f}')
   if 'torch_eager_images_per_second' in result:
     print(f'  PyTorch eager       {result["torch_eager_images_per_second"]:9.1f} img/s   '
-          f'ratio {result["framework_vs_torch_eager"]:.3f}')
+          f'framework / torch {result["framework_vs_torch_eager"]:.3f}, '
+          f'bare / torch {result["bare_jit_vs_torch_eager"]:.3f}')
   print(f'  {result["step_gflops"]:.1f} GFLOP per step')
   if 'model_flop_utilisation' in result:
     print(f'  model FLOP utilisation {100 * result["model_flop_utilisation"]:.1f}%')

@@ -23,6 +23,7 @@ import time
 from typing import Any, Dict, Optional
 
 __all__ = [
+    "TorchTrainer",
     "build_torch_alexnet",
     "count_parameters",
     "torch_train_images_per_second",
@@ -186,6 +187,69 @@ def count_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+class TorchTrainer:
+    """One eager-mode training setup of :func:`build_torch_alexnet` on CPU, timed on demand.
+
+    Trains on one fixed random batch with cross-entropy and
+    ``SGD(lr=0.01, momentum=0.9, weight_decay=5e-4)``. ``time_steps(k)`` runs ``k``
+    full steps (forward + backward + optimizer step) and returns the seconds per
+    step, so a caller can interleave it with other measurements on a noisy machine.
+    ``threads`` sets ``torch.set_num_threads`` while the trainer steps (restored after).
+    ``channels_last=None`` uses :data:`DEFAULT_CHANNELS_LAST` (the faster format
+    measured on our CPU).
+    """
+
+    def __init__(self, *, towers: int = 2, batch_size: int = 64, image_size: int = 227,
+                 num_classes: int = 1000, width: float = 1.0, threads: Optional[int] = None,
+                 dtype: str = "float32", channels_last: Optional[bool] = None, seed: int = 0):
+        torch = _torch()
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        self.channels_last = DEFAULT_CHANNELS_LAST if channels_last is None else channels_last
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        torch_dtype = getattr(torch, dtype)
+        self.threads, self.batch_size = threads, batch_size
+        torch.manual_seed(seed)
+        model = build_torch_alexnet(
+            towers=towers, num_classes=num_classes, width=width, image_size=image_size
+        )
+        self.model = model.to(dtype=torch_dtype, memory_format=fmt)
+        self.model.train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
+        self.x = x.to(dtype=torch_dtype).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, num_classes, (batch_size,), generator=gen)
+        self.loss = float("nan")
+        self.used_threads = torch.get_num_threads()
+
+    def _step(self):
+        F = _torch().nn.functional
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(self.x).float(), self.y)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def time_steps(self, steps: int) -> float:
+        """Runs ``steps`` training steps; returns the mean seconds per step."""
+        torch = _torch()
+        if steps < 1:
+            raise ValueError("need steps >= 1")
+        old_threads = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(int(self.threads))
+        try:
+            self.used_threads = torch.get_num_threads()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = self._step()
+            self.loss = float(loss.detach())  # eager CPU: already synchronous
+            return (time.perf_counter() - t0) / steps
+        finally:
+            torch.set_num_threads(old_threads)
+
+
 def torch_train_images_per_second(
     *,
     towers: int = 2,
@@ -200,76 +264,29 @@ def torch_train_images_per_second(
     channels_last: Optional[bool] = None,
     seed: int = 0,
 ) -> Dict[str, Any]:
-    """Eager-mode training throughput of :func:`build_torch_alexnet` on CPU.
-
-    Trains on one fixed random batch with cross-entropy and
-    ``SGD(lr=0.01, momentum=0.9, weight_decay=5e-4)``; runs ``warmup`` full
-    steps (forward + backward + optimizer step), then times ``steps`` more.
-    ``threads`` sets ``torch.set_num_threads`` for the run (restored after).
-    ``channels_last=None`` uses :data:`DEFAULT_CHANNELS_LAST` (the faster
-    format measured on our CPU).
+    """Eager-mode training throughput of a :class:`TorchTrainer`: ``warmup`` untimed steps,
+    then ``steps`` timed ones.
 
     Returns ``images_per_second``, ``seconds_per_step``, ``torch_version`` and
     ``threads`` (the thread count used), plus ``loss`` (last step),
     ``channels_last``, ``dtype``, ``towers``, ``batch_size``, ``image_size``.
     """
     torch = _torch()
-    F = torch.nn.functional
-
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     if steps < 1 or warmup < 0:
         raise ValueError("need steps >= 1 and warmup >= 0")
-    torch_dtype = getattr(torch, dtype)
-    if channels_last is None:
-        channels_last = DEFAULT_CHANNELS_LAST
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    try:
-        torch.manual_seed(seed)
-        model = build_torch_alexnet(
-            towers=towers, num_classes=num_classes, width=width, image_size=image_size
-        )
-        model = model.to(dtype=torch_dtype, memory_format=fmt)
-        model.train()
-        opt = torch.optim.SGD(
-            model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4
-        )
-
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
-        x = x.to(dtype=torch_dtype).contiguous(memory_format=fmt)
-        y = torch.randint(0, num_classes, (batch_size,), generator=gen)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x).float(), y)
-            loss.backward()
-            opt.step()
-            return loss
-
-        for _ in range(warmup):
-            step()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = step()
-        last_loss = float(loss.detach())  # eager CPU: already synchronous
-        elapsed = time.perf_counter() - t0
-        used_threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(old_threads)
-
-    seconds_per_step = elapsed / steps
+    trainer = TorchTrainer(towers=towers, batch_size=batch_size, image_size=image_size,
+                           num_classes=num_classes, width=width, threads=threads, dtype=dtype,
+                           channels_last=channels_last, seed=seed)
+    if warmup:
+        trainer.time_steps(warmup)
+    seconds_per_step = trainer.time_steps(steps)
     return {
         "images_per_second": batch_size / seconds_per_step,
         "seconds_per_step": seconds_per_step,
         "torch_version": torch.__version__,
-        "threads": used_threads,
-        "loss": last_loss,
-        "channels_last": bool(channels_last),
+        "threads": trainer.used_threads,
+        "loss": trainer.loss,
+        "channels_last": bool(trainer.channels_last),
         "dtype": dtype,
         "towers": towers,
         "batch_size": batch_size,

@@ -117,8 +117,12 @@ class MeshContext:
 
   def gather(self, x: jax.Array) -> jax.Array:
     """``(local_towers, *dims, c)`` → ``(*dims, towers * c)``, gathering the other devices' towers."""
-    x = jnp.concatenate(list(x), axis=-1)
-    return jax.lax.all_gather(x, self.model_axis, axis=x.ndim - 1, tiled=True)
+    # Gathered along a new leading axis, each device's maps arrive as one contiguous block; the
+    # concatenation along the channels is then a local copy. Gathering straight into the channel
+    # axis made XLA's CPU backend lay the maps out channel-major around the collective: transposed
+    # writes in both directions (conv3 of the two-tower AlexNet, 1x2 mesh: ~0.1 s a step).
+    towers = jax.lax.all_gather(x, self.model_axis, axis=0, tiled=True)
+    return jnp.concatenate(list(towers), axis=-1)
 
   def own_examples(self, x: jax.Array) -> jax.Array:
     """This device's share of a batch that all devices of the model axis hold (no transfer)."""
