@@ -164,6 +164,7 @@ def main(argv):
 
 def _define_flags() -> None:
   cli.define_tool_flags('Print one JSON object.')
+  cli.define_huge_pages_flag()
   flags.DEFINE_integer('batch_size', None, 'Global batch (default: the config\'s).')
   flags.DEFINE_integer('steps', 5, 'Timed steps per measurement.')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')

@@ -267,6 +267,7 @@ def main(argv):
 
 def _define_flags() -> None:
   cli.define_tool_flags()
+  cli.define_huge_pages_flag()
   flags.DEFINE_string('data', None, 'A prepared set (or any set open_source knows).')
   flags.DEFINE_string('data_dir', None, 'Where prepared sets live (default: TFDS\'s).')
   flags.DEFINE_string('folder', None, 'The original JPEG folder (class subfolders).')

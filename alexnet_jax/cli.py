@@ -14,6 +14,19 @@ def define_tool_flags(json_help: str = 'Print JSON instead of a table.') -> None
   flags.DEFINE_bool('json', False, json_help)
 
 
+def define_huge_pages_flag() -> None:
+  """``--huge_pages`` for the programs that run training steps (``alexnet_jax.host``)."""
+  flags.DEFINE_bool('huge_pages', True, 'Restart once with glibc\'s transparent-huge-pages '
+                    'tunable when it is not set (faster CPU steps; see alexnet_jax/host.py).')
+
+
+def apply_host_flags() -> None:
+  """Acts on ``--huge_pages`` where the program defines it; call it first thing in ``main``."""
+  if flags.FLAGS.get_flag_value('huge_pages', False):
+    from alexnet_jax import host  # pylint: disable=g-import-not-at-top
+    host.reexec_with_huge_pages()
+
+
 def config_or_usage_error():
   config = flags.FLAGS.config
   if config is None:
@@ -39,6 +52,7 @@ def run(main) -> None:
   """``app.run(main)`` with bad input reported by ``user_errors_exit``."""
 
   def guarded(argv):
+    apply_host_flags()
     with user_errors_exit():
       return main(argv)
 

@@ -14,6 +14,7 @@ from alexnet_jax import cli, distributed
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
+cli.define_huge_pages_flag()
 
 
 def main(argv):
@@ -24,6 +25,7 @@ def main(argv):
     raise app.UsageError('--config is required, e.g. --config=configs/demo.py')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required, e.g. --workdir=/tmp/alexnet_demo')
+  cli.apply_host_flags()
   distributed.initialize(config)
   cli.quiet_orbax_info()  # a line per checkpoint saved would drown the training log
   # Imported after the device set-up above: importing them is harmless, but keep JAX untouched.

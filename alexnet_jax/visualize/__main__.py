@@ -14,6 +14,7 @@ from alexnet_jax import cli
 
 def _define_flags():
   cli.define_tool_flags()
+  cli.define_huge_pages_flag()
   flags.DEFINE_string('checkpoint', None, 'The training --workdir (or its checkpoints/ folder).')
   flags.DEFINE_string('out', None, 'Output folder for the figures, arrays and index.html.')
   flags.DEFINE_string('images', None, "'dataset' (the config's evaluation split; default), "
@@ -58,6 +59,7 @@ def main(argv):
   config = cli.config_or_usage_error()
   if not f.checkpoint or not f.out:
     raise app.UsageError('--checkpoint=the training workdir and --out=a folder are required')
+  cli.apply_host_flags()
   from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(config)
   cli.quiet_orbax_info()
