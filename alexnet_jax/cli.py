@@ -22,7 +22,7 @@ def define_huge_pages_flag() -> None:
 
 def apply_host_flags() -> None:
   """Acts on ``--huge_pages`` where the program defines it; call it first thing in ``main``."""
-  if flags.FLAGS.get_flag_value('huge_pages', False):
+  if 'huge_pages' in flags.FLAGS and flags.FLAGS.huge_pages:
     from alexnet_jax import host  # pylint: disable=g-import-not-at-top
     host.reexec_with_huge_pages()
 

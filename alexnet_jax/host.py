@@ -4,8 +4,8 @@ XLA's CPU backend allocates every large buffer of a step afresh, and glibc serve
 32 MiB with new ``mmap`` regions: the kernel then zero-fills each 4 KiB page on first touch, every
 step. On a 2-core CPU that tax made memory-bound ops 3-4x slower than their copies into reused
 buffers. glibc's ``glibc.malloc.hugetlb=1`` tunable has ``malloc`` ask for transparent huge pages
-(``madvise``), 512x fewer faults: the two-tower AlexNet trains 1.3-1.5x faster on the CPU (PyTorch
-gains too), the scaled-down demo 1.5x. glibc reads its tunables only at process start, so a
+(``madvise``), 512x fewer faults: the two-tower AlexNet and the scaled-down demo train 1.4-1.6x
+faster on the CPU (PyTorch gains too). glibc reads its tunables only at process start, so a
 program that wants them re-executes itself once with the variable set.
 """
 
