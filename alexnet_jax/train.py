@@ -158,7 +158,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           state = state.replace(opt_state=optim.with_lr_scale(state.opt_state, plateau.scale))
       every = config.get('visualize', {}).get('every_epochs', 0)
       if every and epoch_done % every == 0 and jax.process_count() == 1:
-        _visualize(config, prog, state, eval_source, workdir, epoch_done, writer, step)
+        _visualize(config, prog, state, eval_source, workdir, epoch_done, writer, step, stats)
       if (epoch_done % config.checkpoint.every_epochs == 0 or epoch_done in keep_epochs or last
           or manager.reached_preemption(step)):
         metrics = {checkpointing.BEST_METRIC: val['top1_error']} if val else None
@@ -180,13 +180,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   return val
 
 
-def _visualize(config, prog, state, eval_source, workdir, epoch, writer, step) -> None:
-  """First-layer filters and a few deconvnet projections, to watch the features form."""
+def _visualize(config, prog, state, eval_source, workdir, epoch, writer, step, stats) -> None:
+  """First-layer filters and a few deconvnet projections, to watch the features form. ``stats``:
+  the input statistics the steps normalise with (their mean image, if the config subtracts it)."""
   from alexnet_jax.visualize import commands, loading  # pylint: disable=g-import-not-at-top
   crop = pipeline.EvalTransform(config.model.image_size)
   count = min(int(config.visualize.images), len(eval_source))
   images = np.stack([crop.map(eval_source[i])['image'] for i in range(count)])
-  net = loading.network_from_state(config, prog.graphdef, state, step=step, epoch=epoch)
+  mean_image = stats.mean_image if stats is not None and config.input.get('mean_image') else None
+  net = loading.network_from_state(config, prog.graphdef, state, step=step, epoch=epoch,
+                                   mean_image=mean_image)
   pictures = commands.training_snapshot(net, images, os.path.join(workdir, 'visualize'), epoch)
   for name, picture in pictures.items():
     writer.image(step, f'visualize/{name}', picture)

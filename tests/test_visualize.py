@@ -1,6 +1,7 @@
 """The analyses on a checkpoint trained for a few steps: numbers against slow references, and every
 command end to end, on the built-in data and on scikit-image's photographs."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from alexnet_jax import train
+from alexnet_jax.data import sources, statistics
 from alexnet_jax.visualize import analyses, commands, loading
 from conftest import tiny_config
 
@@ -62,6 +64,33 @@ def test_networks_of_one_run_share_their_compiled_functions(trained):
   assert [loading._bucket(n, 8, 64) for n in (1, 8, 9, 17, 26, 33, 64, 65, 500)] == [
       8, 8, 16, 32, 32, 64, 64, 64, 64]
   assert [loading._bucket(n, 1, 32) for n in (1, 3, 5, 32, 40)] == [1, 4, 8, 32, 32]
+
+
+def test_a_mean_image_network_is_analysed_on_the_input_evaluation_gives_it(trained, images):
+  # The same checkpoint, as if trained on pixels minus the mean image (the paper's recipe).
+  config, workdir, net = trained
+  paper = copy.deepcopy(config)
+  paper.input.mean_image = True
+  source = sources.open_source(paper.dataset, paper.dataset.train_split)
+  path = statistics.path_for(source)
+  assert not os.path.exists(path)
+  with pytest.raises(ValueError, match='mean_image=True.*does not exist'):
+    loading.load_network(paper, workdir)
+  stats = statistics.ensure(source, 72, progress=False)
+  try:
+    with_mean = loading.load_network(paper, workdir)
+    np.testing.assert_array_equal(with_mean.mean_image, stats.mean_image)
+    pixels = images.pixels[:, :67, :67]
+    window = stats.mean_image[2:69, 2:69]    # the central 67 x 67 of the 72 x 72 mean image
+    expected = (pixels.astype(np.float32) - window) / np.float32(64.0)
+    np.testing.assert_allclose(np.asarray(with_mean.normalize(pixels)), expected, rtol=1e-5,
+                               atol=1e-5)
+    # Not the mean colour: the analyses would otherwise see shifted inputs.
+    assert np.abs(np.asarray(net.normalize(pixels)) - expected).max() > 0.1
+    assert with_mean.function('features', lambda: lambda p, x: x) is not net.function(
+        'features', lambda: lambda p, x: x)
+  finally:
+    os.remove(path)
 
 
 def test_training_renders_filters_and_projections(trained):

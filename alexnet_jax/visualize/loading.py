@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 from typing import Any, Callable, Sequence
@@ -44,11 +45,33 @@ def _bucket(n: int, devices: int, cap: int) -> int:
   return min(devices * per_device, cap)
 
 
-def normalizer(mean_rgb, std_rgb) -> Callable[[jax.Array], jax.Array]:
-  """uint8-valued images → the model's input. Closes over the two colours only (not a network), so
-  functions cached in ``_COMPILED`` keep no parameters alive."""
+def normalizer(mean_rgb, std_rgb, mean_image: np.ndarray | None = None
+               ) -> Callable[[jax.Array], jax.Array]:
+  """uint8-valued images → the model's input, as evaluation normalises them: minus the central
+  window of the training set's ``mean_image`` when the network was trained on mean-image-subtracted
+  pixels, else minus ``mean_rgb``; then divided by ``std_rgb``. Closes over these constants only
+  (not a network), so functions cached in ``_COMPILED`` keep no parameters alive."""
   mean_rgb, std_rgb = tuple(mean_rgb), tuple(std_rgb)
-  return lambda images: normalize_on_device(jnp.asarray(images), mean_rgb, std_rgb, jnp.float32)
+  return lambda images: normalize_on_device(jnp.asarray(images), mean_rgb, std_rgb, jnp.float32,
+                                            mean_image=mean_image)
+
+
+def training_mean_image(config) -> np.ndarray | None:
+  """The mean image the network of ``config`` was trained with (``config.input.mean_image``), read
+  from the ``statistics.npz`` that training stored beside the data set; None when it subtracted
+  the mean colour instead."""
+  if not config.input.get('mean_image', False):
+    return None
+  from alexnet_jax.data import sources, statistics  # pylint: disable=g-import-not-at-top
+  source = sources.open_source(config.dataset, config.dataset.train_split,
+                               min_side=config.input.get('resize_to'))
+  path = statistics.path_for(source)
+  if not os.path.exists(path):
+    raise ValueError(f'the network was trained on images minus the training set\'s mean image '
+                     f'(config.input.mean_image=True), but {path} does not exist: train on this data '
+                     'set first (training computes it), or pass --config.input.mean_image=False to '
+                     'subtract the mean colour instead')
+  return np.asarray(statistics.load(path).mean_image, np.float32)
 
 
 # (apply, mean, std, key) → jitted function, shared by every ``Network`` of one architecture (a
@@ -66,13 +89,18 @@ class Network:
   params: Any
   step: int = 0
   epoch: float | None = None
+  # The training set's mean image, when the network was trained on pixels minus it.
+  mean_image: np.ndarray | None = None
   _jitted: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def function(self, key, make):
     """``jax.jit(make())``, made once per architecture, input normalisation and ``key``: ``make``'s
-    function may close over the apply, ``normalize``, the config's colours and what ``key`` names
-    (never over the parameters, which it takes as its first argument)."""
-    full = (self.apply, tuple(self.config.input.mean_rgb), tuple(self.config.input.std_rgb), key)
+    function may close over the apply, ``normalize``, the config's colours, the mean image and what
+    ``key`` names (never over the parameters, which it takes as its first argument)."""
+    mean_image = (None if self.mean_image is None
+                  else hashlib.sha1(np.ascontiguousarray(self.mean_image).tobytes()).hexdigest())
+    full = (self.apply, tuple(self.config.input.mean_rgb), tuple(self.config.input.std_rgb),
+            mean_image, key)
     if full not in _COMPILED:
       _COMPILED[full] = jax.jit(make())
     return _COMPILED[full]
@@ -83,7 +111,7 @@ class Network:
 
   @property
   def normalize(self) -> Callable[[jax.Array], jax.Array]:
-    return normalizer(self.config.input.mean_rgb, self.config.input.std_rgb)
+    return normalizer(self.config.input.mean_rgb, self.config.input.std_rgb, self.mean_image)
 
   @functools.cached_property
   def _replicated(self):
@@ -211,18 +239,18 @@ def load_network(config, path: str, step: int | None = None) -> Network:
   with _manager(config, path) as manager:
     restored = checkpointing.restore(manager, step, prog.abstract_state, None)
   return network_from_state(config, prog.graphdef, restored.state, step=step,
-                            epoch=restored.meta.get('epoch'))
+                            epoch=restored.meta.get('epoch'), mean_image=training_mean_image(config))
 
 
 def network_from_state(config, graphdef: nnx.GraphDef, state, *, step: int = 0,
-                       epoch: float | None = None) -> Network:
+                       epoch: float | None = None, mean_image: np.ndarray | None = None) -> Network:
   """The network of a training state (``steps.TrainState``, on the devices or the host). Its
   parameters and batch-norm statistics become one pure dict of every variable, the model in
-  evaluation mode as the analyses run it."""
+  evaluation mode as the analyses run it. ``mean_image``: see ``training_mean_image``."""
   model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.batch_stats))
   graphdef, variables = nnx.split(model)
   return Network(config=config, apply=deconvnet.make_apply(graphdef),
-                 params=nnx.to_pure_dict(variables), step=step, epoch=epoch)
+                 params=nnx.to_pure_dict(variables), step=step, epoch=epoch, mean_image=mean_image)
 
 
 # --- Images ---------------------------------------------------------------------------------------
