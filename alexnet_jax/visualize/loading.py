@@ -97,13 +97,17 @@ class Network:
     """``jax.jit(make())``, made once per architecture, input normalisation and ``key``: ``make``'s
     function may close over the apply, ``normalize``, the config's colours, the mean image and what
     ``key`` names (never over the parameters, which it takes as its first argument)."""
-    mean_image = (None if self.mean_image is None
-                  else hashlib.sha1(np.ascontiguousarray(self.mean_image).tobytes()).hexdigest())
     full = (self.apply, tuple(self.config.input.mean_rgb), tuple(self.config.input.std_rgb),
-            mean_image, key)
+            self._mean_image_digest, key)
     if full not in _COMPILED:
       _COMPILED[full] = jax.jit(make())
     return _COMPILED[full]
+
+  @functools.cached_property
+  def _mean_image_digest(self) -> str | None:
+    if self.mean_image is None:
+      return None
+    return hashlib.sha1(np.ascontiguousarray(self.mean_image).tobytes()).hexdigest()
 
   @property
   def image_size(self) -> int:
