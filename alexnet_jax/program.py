@@ -83,7 +83,7 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
   mean image or PCA lighting (see ``input_constants``)."""
   if mesh is None:
     mesh = sharding.make_mesh(config.mesh, towers=config.model.get('towers', 1))
-  sharding.check_batch(config.batch_size, mesh)
+  sharding.check_batch(config.batch_size, mesh, split_over_model=bool(config.model.get('hybrid')))
   if config.compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f'unknown compute_dtype {config.compute_dtype!r}; '
                      f'choose one of {", ".join(COMPUTE_DTYPES)}')

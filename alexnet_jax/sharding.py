@@ -63,11 +63,19 @@ def make_mesh(mesh_cfg, *, towers: int, devices=None) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Explicit,) * 2)
 
 
-def check_batch(global_batch: int, mesh: jax.sharding.Mesh, what: str = 'batch_size') -> None:
+def check_batch(global_batch: int, mesh: jax.sharding.Mesh, what: str = 'batch_size', *,
+                split_over_model: bool = False) -> None:
+  """The batch splits evenly over the data axis and the hosts, and with ``split_over_model`` (the
+  hybrid AlexNet's data-parallel convolutions) each data shard's examples over the model axis."""
   data = mesh.shape[DATA]
   if global_batch % data or global_batch < data:
     raise MeshError(f'{what}={global_batch} is not divisible by the mesh data axis ({data}); use a '
                     f'multiple of {data} or change mesh.data')
+  both = data * mesh.shape[MODEL]
+  if split_over_model and global_batch % both:
+    raise MeshError(f'{what}={global_batch}: the hybrid model splits every data shard\'s examples '
+                    f'over the {mesh.shape[MODEL]} devices of the model axis; use a multiple of '
+                    f'mesh.data x mesh.model = {both}')
   if global_batch % jax.process_count():
     raise MeshError(f'{what}={global_batch} is not divisible by the number of hosts '
                     f'({jax.process_count()})')

@@ -80,8 +80,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   validation metrics."""
   towers = config.model.get('towers', 1)
   mesh = sharding.make_mesh(config.mesh, towers=towers)
-  sharding.check_batch(config.batch_size, mesh)
-  sharding.check_batch(config.eval_batch_size, mesh, 'eval_batch_size')
+  hybrid = bool(config.model.get('hybrid'))
+  sharding.check_batch(config.batch_size, mesh, split_over_model=hybrid)
+  sharding.check_batch(config.eval_batch_size, mesh, 'eval_batch_size', split_over_model=hybrid)
   inp = config.input
   resize_to = inp.get('resize_to')
   train_source = sources.open_source(config.dataset, config.dataset.train_split, min_side=resize_to)

@@ -314,6 +314,15 @@ def _hybrid_config(data, model):
   return c
 
 
+def test_hybrid_batch_must_split_over_the_model_axis_before_anything_compiles():
+  c = _hybrid_config(2, 2)
+  c.batch_size = 6   # 3 examples per data shard cannot split over 2 model devices
+  with pytest.raises(sharding.MeshError, match='multiple of mesh.data x mesh.model = 4'):
+    program.build_program(c, steps_per_epoch=1)
+  c.model.hybrid = False   # the two-tower model shares every example between its towers
+  program.build_program(c, steps_per_epoch=1)
+
+
 def test_hybrid_parallelism_computes_the_unsplit_update():
   """Data-parallel convs + neuron-split fcs over 2 devices == the same net on one device."""
   split, whole = Trained(_hybrid_config(1, 2), evaluate=False), Trained(_hybrid_config(1, 1),
