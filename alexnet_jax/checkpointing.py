@@ -20,11 +20,9 @@ from absl import logging
 
 import grain
 
+from alexnet_jax.errors import CheckpointError
+
 BEST_METRIC = 'val_top1_error'
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that exists but cannot be restored."""
 
 
 @dataclasses.dataclass
@@ -49,9 +47,9 @@ def make_manager(directory: str, checkpoint_cfg, steps_per_epoch: int | None = N
     policies.append(ocp.checkpoint_managers.BestN(
         get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
         keep_checkpoints_without_metrics=False))
-  keep_steps = list(checkpoint_cfg.get('keep_steps', ()) or ())
+  keep_steps = []
   if steps_per_epoch:
-    keep_steps += [int(e * steps_per_epoch) for e in checkpoint_cfg.get('keep_epochs', ()) or ()]
+    keep_steps = [int(e * steps_per_epoch) for e in checkpoint_cfg.keep_epochs]
   if keep_steps:
     policies.append(ocp.checkpoint_managers.CustomSteps(steps=sorted(set(keep_steps))))
   options = ocp.CheckpointManagerOptions(

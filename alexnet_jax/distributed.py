@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 
+import jax
 from absl import logging
 
 _COUNT_FLAG = '--xla_force_host_platform_device_count'
@@ -41,10 +42,9 @@ def initialize(config) -> None:
   """Emulated CPU devices as configured; ``jax.distributed.initialize`` when several processes run
   (SLURM, Open MPI and TPU pods are detected by JAX itself; elsewhere set
   ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``)."""
-  emulate_cpu_devices(int(config.get('emulate_cpu_devices', 0)))
+  emulate_cpu_devices(int(config.emulate_cpu_devices))
   if not _multi_host_environment():
     return
-  import jax  # pylint: disable=g-import-not-at-top
   env = os.environ
   if 'JAX_COORDINATOR_ADDRESS' in env:
     jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],

@@ -2,39 +2,45 @@
 
 Any config field can be overridden: ``--config.batch_size=256 --config.mesh.data=4``. A workdir that
 already holds checkpoints is resumed from the latest one.
+
+The data flow, each step in its own module: config (``configs``) → processes and devices
+(``distributed``) → mesh, model, state and compiled steps (``program``) → the loop (``train``),
+with the data (``data.inputs``) and the checkpoints (``checkpointing``) on the side. Hooks the loop
+runs after each epoch come from here.
 """
 
 from __future__ import annotations
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from alexnet_jax import cli, distributed
+from alexnet_jax import cli, distributed, train
+from alexnet_jax.visualize import snapshots
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
-                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
+cli.define_config_flag()
 cli.define_huge_pages_flag()
+
+
+def epoch_hooks(config) -> list[train.Hook]:
+  """What runs after each epoch besides training's own evaluation and checkpoint."""
+  hooks = []
+  if config.visualize.every_epochs:
+    hooks.append(snapshots.every_epochs(config.visualize.every_epochs, config.visualize.images))
+  return hooks
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/demo.py')
+  config = cli.config_or_usage_error('configs/demo.py')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required, e.g. --workdir=/tmp/alexnet_demo')
-  cli.apply_host_flags()
   distributed.initialize(config)
   cli.quiet_orbax_info()  # a line per checkpoint saved would drown the training log
-  # Imported after the device set-up above: importing them is harmless, but keep JAX untouched.
-  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
-  with cli.user_errors_exit():
-    final = train.train_and_evaluate(config, _WORKDIR.value)
+  final = train.train_and_evaluate(config, _WORKDIR.value, hooks=epoch_hooks(config))
   print(f'final validation: top-1 error {100 * final["top1_error"]:.2f}%, '
         f'top-5 error {100 * final["top5_error"]:.2f}%', flush=True)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

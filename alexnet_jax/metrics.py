@@ -7,6 +7,8 @@ import os
 from typing import Mapping
 
 import numpy as np
+from matplotlib.figure import Figure
+from tensorboardX import SummaryWriter
 
 JSONL = 'metrics.jsonl'
 PLOT = 'training_curves.png'
@@ -20,7 +22,6 @@ class MetricWriter:
     self.path = os.path.join(workdir, JSONL)
     self._tb = None
     if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
@@ -53,13 +54,11 @@ def plot_training_curves(workdir: str) -> str | None:
   path = os.path.join(workdir, JSONL)
   if not os.path.exists(path):
     return None
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   rows = read_jsonl(path)
   series = lambda split, key: np.array([(r['epoch'], r[key]) for r in rows
                                         if r['split'] == split and key in r and 'epoch' in r])
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  fig = Figure(figsize=(15, 4))  # no pyplot: renders with Agg when saved, no global state
+  axes = fig.subplots(1, 3)
   panels = [('loss', 'cross-entropy loss'), ('top1_error', 'top-1 error'),
             ('top5_error', 'top-5 error')]
   for ax, (key, title) in zip(axes, panels):
@@ -79,5 +78,4 @@ def plot_training_curves(workdir: str) -> str | None:
   fig.tight_layout()
   out = os.path.join(workdir, PLOT)
   fig.savefig(out, dpi=100)
-  plt.close(fig)
   return out

@@ -22,12 +22,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from alexnet_jax.errors import ConfigError
+
 
 def learning_rate_schedule(optim_cfg, steps_per_epoch: int, num_epochs: float) -> optax.Schedule:
   base = float(optim_cfg.learning_rate)
   kind = optim_cfg.schedule
   total = int(num_epochs * steps_per_epoch)
-  warmup = int(optim_cfg.get('warmup_epochs', 0) * steps_per_epoch)
+  warmup = int(optim_cfg.warmup_epochs * steps_per_epoch)
   if kind == 'plateau':
     schedule = optax.constant_schedule(base)
   elif kind == 'step':
@@ -36,7 +38,7 @@ def learning_rate_schedule(optim_cfg, steps_per_epoch: int, num_epochs: float) -
   elif kind == 'cosine':
     schedule = optax.cosine_decay_schedule(base, max(1, total - warmup))
   else:
-    raise ValueError(f'unknown optim.schedule {kind!r}; choose plateau, step or cosine')
+    raise ConfigError(f'unknown optim.schedule {kind!r}; choose plateau, step or cosine')
   if warmup:
     schedule = optax.join_schedules([optax.linear_schedule(0.0, base, warmup), schedule], [warmup])
   return schedule
@@ -44,7 +46,7 @@ def learning_rate_schedule(optim_cfg, steps_per_epoch: int, num_epochs: float) -
 
 def _decay_mask(decay_biases: bool):
   def mask(params):
-    return jax.tree_util.tree_map_with_path(
+    return jax.tree.map_with_path(
         lambda path, _: decay_biases or getattr(path[-1], 'key', None) != 'bias', params)
   return mask
 
@@ -77,7 +79,7 @@ def clip_filter_rms(max_rms: float = 0.1) -> optax.GradientTransformation:
 def make_optimizer(optim_cfg, steps_per_epoch: int, num_epochs: float) -> optax.GradientTransformation:
   """optax chain of the paper's update with an injected, checkpointed learning rate."""
 
-  max_rms = float(optim_cfg.get('filter_rms_clip', 0.0) or 0.0)
+  max_rms = float(optim_cfg.filter_rms_clip)
 
   def paper_sgd(learning_rate, lr_scale, momentum, weight_decay):
     return optax.chain(

@@ -16,7 +16,9 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from alexnet_jax import optim, sharding, steps
+from alexnet_jax import configs, models, optim, sharding, steps
+from alexnet_jax.data import inputs, statistics
+from alexnet_jax.errors import ConfigError
 from alexnet_jax.models import create_model
 from alexnet_jax.steps import TrainState
 
@@ -27,6 +29,8 @@ COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 class Program:
   config: Any
   mesh: jax.sharding.Mesh
+  spec: models.Spec                 # the model's hyper-parameters
+  model: models.Classifier          # abstract (shapes only): the capabilities it declares
   graphdef: nnx.GraphDef
   tx: optax.GradientTransformation
   state_specs: TrainState           # PartitionSpecs
@@ -39,6 +43,19 @@ class Program:
   @property
   def param_count(self) -> int:
     return sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
+
+
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """``config.mesh`` over ``devices`` (default: all), its model axis holding whole towers of
+  ``config.model``."""
+  spec = models.spec_from_config(config.model)
+  return sharding.make_mesh(config.mesh, towers=spec.towers, devices=devices)
+
+
+def check_batch(config, mesh: jax.sharding.Mesh, what: str = 'batch_size') -> None:
+  """``config.<what>`` splits over ``mesh`` as ``config.model`` needs (``sharding.check_batch``)."""
+  spec = models.spec_from_config(config.model)
+  sharding.check_batch(config[what], mesh, what, split_over_model=spec.splits_batch_over_towers)
 
 
 def _model_and_params(config, seed: int):
@@ -62,17 +79,15 @@ def input_constants(config, stats=None) -> dict:
   measure or inspect the step rather than train) neutral ones of the same shapes stand in.
   """
   inp = config.input
-  use_mean, pca_std = bool(inp.get('mean_image', False)), float(inp.get('pca_lighting_std', 0.0))
-  if not use_mean and pca_std <= 0:
+  if not inputs.uses_statistics(inp):
     return {}
   if stats is None:
-    from alexnet_jax.data import statistics  # pylint: disable=g-import-not-at-top
-    side = max(config.model.image_size, inp.get('resize_to') or 0)
+    side = max(config.model.image_size, inp.resize_to or 0)
     stats = statistics.neutral(side, inp.mean_rgb, inp.std_rgb)
   out = {}
-  if use_mean:
+  if inp.mean_image:
     out['mean_image'] = np.asarray(stats.mean_image, np.float32)
-  if pca_std > 0:
+  if inp.pca_lighting_std > 0:
     out['pca_basis'] = np.asarray(stats.eigvecs * np.sqrt(np.maximum(stats.eigvals, 0)), np.float32)
   return out
 
@@ -81,16 +96,18 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
                   input_stats=None) -> Program:
   """``input_stats``: the training set's statistics, needed when ``config.input`` switches on the
   mean image or PCA lighting (see ``input_constants``)."""
+  configs.check_fields(config)
   if mesh is None:
-    mesh = sharding.make_mesh(config.mesh, towers=config.model.get('towers', 1))
-  sharding.check_batch(config.batch_size, mesh, split_over_model=bool(config.model.get('hybrid')))
+    mesh = make_mesh(config)
+  check_batch(config, mesh)
   if config.compute_dtype not in COMPUTE_DTYPES:
-    raise ValueError(f'unknown compute_dtype {config.compute_dtype!r}; '
+    raise ConfigError(f'unknown compute_dtype {config.compute_dtype!r}; '
                      f'choose one of {", ".join(COMPUTE_DTYPES)}')
   dtype = COMPUTE_DTYPES[config.compute_dtype]
   tx = optim.make_optimizer(config.optim, steps_per_epoch, config.num_epochs)
 
-  graphdef, abstract_vars, abstract_stats = _abstract_model(config)
+  abstract_model = nnx.eval_shape(lambda: create_model(config.model, nnx.Rngs(0)))
+  graphdef, abstract_vars, abstract_stats = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
   param_specs = sharding.param_specs(abstract_vars)
   stats_specs = sharding.param_specs(abstract_stats)
   abstract_params = nnx.to_pure_dict(abstract_vars)
@@ -103,7 +120,8 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
     _, params, stats = _model_and_params(config, config.seed)
     params = nnx.to_pure_dict(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(config.seed + 1), batch_stats=nnx.to_pure_dict(stats))
+                      rng=jax.random.key_data(jax.random.key(config.seed + 1)),
+                      batch_stats=nnx.to_pure_dict(stats))
 
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 jax.eval_shape(init_fn), state_shardings)
@@ -113,20 +131,16 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
   # Every array of a batch (image, label, and the pipeline's crop / alpha / mask) is split over
   # the data axis along its first dimension: one spec, a prefix of whatever keys the batch has.
   batch_specs = P(sharding.DATA)
-  train = sharding.shard_step(steps.make_train_step(graphdef, tx, ctx, **norm), mesh,
-                              in_specs=(state_specs, batch_specs), out_specs=(state_specs, P()))
+  train = sharding.shard_step(
+      steps.make_train_step(graphdef, tx, ctx, aux_loss_weight=abstract_model.aux_loss_weight,
+                            **norm),
+      mesh, in_specs=(state_specs, batch_specs), out_specs=(state_specs, P()))
   evaluate = sharding.shard_step(steps.make_eval_step(graphdef, ctx, **norm), mesh,
                                  in_specs=(param_specs, stats_specs, batch_specs), out_specs=P())
   return Program(
-      config=config, mesh=mesh, graphdef=graphdef, tx=tx, state_specs=state_specs,
+      config=config, mesh=mesh, spec=models.spec_from_config(config.model), model=abstract_model, graphdef=graphdef, tx=tx, state_specs=state_specs,
       state_shardings=state_shardings, abstract_state=abstract_state,
       init_state=jax.jit(init_fn, out_shardings=state_shardings),
       train_step=jax.jit(train, donate_argnums=0),
       eval_step=jax.jit(evaluate))
 
-
-def _abstract_model(config):
-  """The graph definition, abstract parameters and batch-norm statistics (with their metadata),
-  without allocating."""
-  model = nnx.eval_shape(lambda: create_model(config.model, nnx.Rngs(0)))
-  return nnx.split(model, nnx.Param, nnx.BatchStat)

@@ -1,7 +1,8 @@
 """Where things live: the device mesh, parameter placement, and the collectives between devices.
 
 The mesh has two axes. ``data`` splits the batch; ``model`` carries AlexNet's towers (the paper's two
-GPUs). Parameters declare logical axes (``'tower'``); ``LOGICAL_TO_MESH`` maps them onto mesh axes.
+GPUs). Parameters declare logical axes in flax's sharding metadata (``out_sharding=('tower', ...)``);
+``LOGICAL_RULES`` maps them onto mesh axes.
 The training and evaluation steps run as one ``jax.shard_map`` program per device, so every
 cross-device transfer is one that this module's ``MeshContext`` performs explicitly:
 
@@ -27,12 +28,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from alexnet_jax.errors import MeshError
+
 DATA, MODEL = 'data', 'model'
-LOGICAL_TO_MESH = {'tower': MODEL}
-
-
-class MeshError(ValueError):
-  """An impossible mesh / batch / device combination."""
+LOGICAL_RULES = (('tower', MODEL),)
 
 
 def mesh_shape(mesh_cfg, *, num_devices: int, towers: int) -> tuple[int, int]:
@@ -81,25 +80,11 @@ def check_batch(global_batch: int, mesh: jax.sharding.Mesh, what: str = 'batch_s
                     f'({jax.process_count()})')
 
 
-def _spec_of(variable: nnx.Variable) -> P:
-  axes = variable.get_metadata().get('logical_axes')
-  if axes is None:
-    return P()
-  return P(*(LOGICAL_TO_MESH.get(a) if a is not None else None for a in axes))
-
-
 def param_specs(variables: nnx.State) -> dict:
-  """PartitionSpecs, as a pure dict, for an NNX State of Variables carrying ``logical_axes``."""
-  is_var = lambda x: isinstance(x, nnx.Variable)
-  flat = jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_var)[0]
-  specs: dict = {}
-  for path, var in flat:
-    node = specs
-    keys = [getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', None))) for k in path]
-    for k in keys[:-1]:
-      node = node.setdefault(k, {})
-    node[keys[-1]] = _spec_of(var)
-  return specs
+  """PartitionSpecs, as a pure dict, of an NNX State of Variables: their logical axes mapped onto
+  the mesh by ``LOGICAL_RULES``; variables without sharding metadata are replicated."""
+  with nnx.logical_axis_rules(LOGICAL_RULES):
+    return nnx.to_pure_dict(nnx.get_partition_spec(variables))
 
 
 def named(tree_of_specs: Any, mesh: jax.sharding.Mesh) -> Any:

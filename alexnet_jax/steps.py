@@ -22,7 +22,9 @@ class TrainState:
   step: jax.Array          # int32 scalar: optimiser updates done
   params: Any              # pure dict of arrays
   opt_state: Any
-  rng: jax.Array           # raw uint32 key; dropout keys are folded from it and the step
+  # The key's raw uint32 data (portable in checkpoints); the step wraps it into a typed key and
+  # folds the step number and the device into it for dropout.
+  rng: jax.Array
   # Running averages of batch norm (``nnx.BatchStat``), a pure dict; empty for models without BN.
   batch_stats: Any = struct.field(default_factory=dict)
 
@@ -125,38 +127,36 @@ def _normalize_batch(batch, norm: dict, dtype, *, train: bool) -> jax.Array:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ctx: MeshContext, *,
                     mean_rgb, std_rgb, compute_dtype=jnp.float32, mean_image=None,
-                    pca_basis=None) -> Callable:
+                    pca_basis=None, aux_loss_weight: float = 0.0) -> Callable:
   """``(state, batch) → (state, metrics)`` for one device's share of the batch.
 
   ``mean_image`` / ``pca_basis`` switch on the paper's mean-image subtraction and PCA colour
-  shift (see ``normalize``); the batch then carries ``crop`` / ``alpha``."""
+  shift (see ``normalize``); the batch then carries ``crop`` / ``alpha``. ``aux_loss_weight``: the
+  model's (``Classifier.aux_loss_weight``); > 0 adds its auxiliary classifiers' losses to the
+  objective, which the metrics then report beside the loss."""
   norm = dict(mean_rgb=mean_rgb, std_rgb=std_rgb, mean_image=mean_image, pca_basis=pca_basis)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     images = _normalize_batch(batch, norm, compute_dtype, train=True)
     labels = batch['label']
     global_batch = labels.shape[0] * jax.lax.axis_size(ctx.data_axis)
-    dropout_key = ctx.device_key(jax.random.fold_in(state.rng, state.step))
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    dropout_key = ctx.device_key(step_key)
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state.batch_stats)
       out = model(images, train=True, dropout_key=dropout_key, exchange=ctx, gather_logits=False)
-      # Models with auxiliary classifiers (GoogLeNet) return their logits too, to be weighted in.
-      aux_weight = getattr(model, 'aux_loss_weight', 0.0)
-      logits, aux_logits = out if aux_weight else (out, ())
-      has_aux.append(bool(aux_logits))
-      ce, rank = tower_split_cross_entropy(logits, labels, ctx)
+      ce, rank = tower_split_cross_entropy(out.logits, labels, ctx)
       loss = jnp.sum(ce) / global_batch
       objective = loss
-      for aux in aux_logits:
+      for aux in out.aux_logits:
         aux_ce, _ = tower_split_cross_entropy(aux, labels, ctx)
-        objective += aux_weight * jnp.sum(aux_ce) / global_batch
+        objective += aux_loss_weight * jnp.sum(aux_ce) / global_batch
       batch_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
       return objective, (loss, rank, batch_stats)
 
     # Parameters are replicated over the data axis, so the gradient of this device's share of the
     # mean loss arrives already summed over the data axis (the transpose of that replication).
-    has_aux = []  # set while tracing the model
     (objective, (loss, rank, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     with jax.named_scope('optimizer'):
@@ -167,7 +167,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ct
       metrics = ctx.data_sum(dict(
           loss=loss, top1_error=jnp.sum(rank >= 1) / global_batch,
           top5_error=jnp.sum(rank >= 5) / global_batch))
-      if has_aux[0]:
+      if aux_loss_weight > 0:
         metrics['objective'] = ctx.data_sum(objective)  # the loss plus the weighted auxiliary losses
       metrics['learning_rate'] = hp['learning_rate'] * hp['lr_scale']
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
@@ -196,7 +196,7 @@ def make_eval_step(graphdef: nnx.GraphDef, ctx: MeshContext, *, mean_rgb, std_rg
     images = _normalize_batch(batch, norm, compute_dtype, train=False)
     mask = batch['mask'].astype(jnp.float32)
     model = nnx.merge(graphdef, params, batch_stats)
-    logits = model(images, train=False, exchange=ctx, gather_logits=False)
+    logits = model(images, train=False, exchange=ctx, gather_logits=False).logits
     if views > 1:
       ce, rank = tower_split_view_average(logits, batch['label'], ctx, views)
     else:

@@ -1,17 +1,23 @@
-"""The training loop: config → mesh → data → program → restore → train / evaluate / checkpoint."""
+"""The training loop: config → mesh → data → program → restore → train / evaluate / checkpoint.
+
+What else happens at the end of an epoch (the visualisation snapshots, say) is a hook the caller
+hands in: ``train_and_evaluate(config, workdir, hooks=[...])``, each called with an ``EpochEnd``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 
-from alexnet_jax import checkpointing, metrics as metrics_lib, optim, program as program_lib, sharding
-from alexnet_jax.data import pipeline, sources, statistics
+from alexnet_jax import checkpointing, configs, metrics as metrics_lib, optim, program as program_lib
+from alexnet_jax import sharding
+from alexnet_jax.data import inputs as inputs_lib, pipeline
 
 
 def evaluate(prog: program_lib.Program, state, eval_ds) -> dict[str, float]:
@@ -27,47 +33,21 @@ def evaluate(prog: program_lib.Program, state, eval_ds) -> dict[str, float]:
               top5_error=float(totals['top5_errors']) / n, examples=n)
 
 
-def input_statistics(config, train_source):
-  """The training set's mean image and RGB PCA when ``config.input`` asks for them (computed in one
-  pass and stored beside the data set on first use), else None."""
-  inp = config.input
-  if not inp.get('mean_image', False) and inp.get('pca_lighting_std', 0.0) <= 0:
-    return None
-  side = inp.get('resize_to') or train_source.info.image_size
-  if side is None:
-    raise ValueError(f'data set {config.dataset.name!r} has images of different sizes, so the mean '
-                     'image needs them rescaled: set --config.input.resize_to=256 (the paper), or '
-                     '--config.input.mean_image=False --config.input.pca_lighting_std=0')
-  if side < config.model.image_size:
-    raise ValueError(f'images are {side}px, smaller than the {config.model.image_size}px crops: set '
-                     f'--config.input.resize_to to at least {config.model.image_size}')
-  return statistics.ensure(train_source, side, progress=jax.process_index() == 0,
-                           workers=inp.workers)
+@dataclasses.dataclass(frozen=True)
+class EpochEnd:
+  """What an end-of-epoch hook sees: the run after ``epoch`` epochs (``step`` steps), its program,
+  state and data, and the run's metric writer (for images and scalars of its own)."""
+  config: Any
+  workdir: str
+  epoch: int
+  step: int
+  program: program_lib.Program
+  state: Any
+  inputs: inputs_lib.Inputs
+  writer: metrics_lib.MetricWriter
 
 
-def train_batches(config, train_source, mesh) -> pipeline.DevicePrefetch:
-  """This process's training batches with ``config.input``'s augmentation, arriving on ``mesh``
-  ``prefetch_batches`` ahead of the step; its checkpoint records the position of the next batch
-  the step will see."""
-  inp = config.input
-  return pipeline.DevicePrefetch(iter(pipeline.train_dataset(
-      train_source, global_batch_size=config.batch_size, crop_size=config.model.image_size,
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      workers=inp.workers, resize_to=inp.get('resize_to'), random_crop=inp.get('random_crop', True),
-      flip=inp.get('flip', True), pca_std=inp.get('pca_lighting_std', 0.0),
-      worker_priority=inp.get('worker_priority', 'normal'))),
-      put=lambda b: sharding.put_batch(b, mesh), size=inp.get('prefetch_batches', 2))
-
-
-def _check_data(config, train_source) -> None:
-  classes = train_source.num_classes
-  if classes != config.model.num_classes:
-    raise ValueError(f'data set {config.dataset.name!r} has {classes} classes but '
-                     f'model.num_classes={config.model.num_classes}; set '
-                     f'--config.model.num_classes={classes}')
-  if len(train_source) < config.batch_size:
-    raise ValueError(f'the training split has {len(train_source)} examples, fewer than one batch '
-                     f'of {config.batch_size}; lower --config.batch_size')
+Hook = Callable[[EpochEnd], None]
 
 
 def _mean(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -75,37 +55,28 @@ def _mean(history: list[dict[str, Any]]) -> dict[str, float]:
   return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config, workdir: str, hooks: Sequence[Hook] = ()) -> dict[str, float]:
   """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final
-  validation metrics."""
-  towers = config.model.get('towers', 1)
-  mesh = sharding.make_mesh(config.mesh, towers=towers)
-  hybrid = bool(config.model.get('hybrid'))
-  sharding.check_batch(config.batch_size, mesh, split_over_model=hybrid)
-  sharding.check_batch(config.eval_batch_size, mesh, 'eval_batch_size', split_over_model=hybrid)
-  inp = config.input
-  resize_to = inp.get('resize_to')
-  train_source = sources.open_source(config.dataset, config.dataset.train_split, min_side=resize_to)
-  eval_source = sources.open_source(config.dataset, config.dataset.eval_split, min_side=resize_to)
-  _check_data(config, train_source)
-  stats = input_statistics(config, train_source)
-  steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
+  validation metrics. ``hooks`` run after every epoch, before its checkpoint is saved."""
+  configs.check_fields(config)
+  mesh = program_lib.make_mesh(config)
+  program_lib.check_batch(config, mesh)
+  program_lib.check_batch(config, mesh, 'eval_batch_size')
+  data = inputs_lib.open_inputs(config)
+  steps_per_epoch = pipeline.steps_per_epoch(len(data.train_source), config.batch_size)
   total_steps = int(config.num_epochs * steps_per_epoch)
   prog = program_lib.build_program(config, steps_per_epoch=steps_per_epoch, mesh=mesh,
-                                   input_stats=stats)
+                                   input_stats=data.stats)
   logging.info('mesh %s, %s parameters, %d steps per epoch, %d steps',
                dict(mesh.shape), f'{prog.param_count:,}', steps_per_epoch, total_steps)
 
-  eval_ds = pipeline.eval_dataset(  # iterated afresh at every evaluation
-      eval_source, global_batch_size=config.eval_batch_size, crop_size=config.model.image_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      workers=inp.workers, resize_to=resize_to, views=inp.get('eval_views', 'center'))
-  train_iter = train_batches(config, train_source, mesh)
+  eval_ds = inputs_lib.eval_batches(config, data.eval_source)  # iterated afresh at every evaluation
+  train_iter = inputs_lib.train_batches(config, data.train_source, mesh)
 
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), config.checkpoint,
                                        steps_per_epoch)
-  keep_epochs = set(config.checkpoint.get('keep_epochs', ()) or ())
+  keep_epochs = set(config.checkpoint.keep_epochs)
   plateau = optim.PlateauController(
       factor=config.optim.plateau_factor, patience=config.optim.plateau_patience,
       threshold=config.optim.plateau_threshold, max_drops=config.optim.max_drops)
@@ -157,9 +128,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           logging.info('validation error stopped improving: learning rate x %.3g',
                        plateau.scale)
           state = state.replace(opt_state=optim.with_lr_scale(state.opt_state, plateau.scale))
-      every = config.get('visualize', {}).get('every_epochs', 0)
-      if every and epoch_done % every == 0 and jax.process_count() == 1:
-        _visualize(config, prog, state, eval_source, workdir, epoch_done, writer, step, stats)
+      for hook in hooks:
+        hook(EpochEnd(config=config, workdir=workdir, epoch=epoch_done, step=step, program=prog,
+                      state=state, inputs=data, writer=writer))
       if (epoch_done % config.checkpoint.every_epochs == 0 or epoch_done in keep_epochs or last
           or manager.reached_preemption(step)):
         metrics = {checkpointing.BEST_METRIC: val['top1_error']} if val else None
@@ -179,21 +150,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if jax.process_index() == 0:
     metrics_lib.plot_training_curves(workdir)
   return val
-
-
-def _visualize(config, prog, state, eval_source, workdir, epoch, writer, step, stats) -> None:
-  """First-layer filters and a few deconvnet projections, to watch the features form. ``stats``:
-  the input statistics the steps normalise with (their mean image, if the config subtracts it)."""
-  from alexnet_jax.visualize import commands, loading  # pylint: disable=g-import-not-at-top
-  crop = pipeline.EvalTransform(config.model.image_size)
-  count = min(int(config.visualize.images), len(eval_source))
-  images = np.stack([crop.map(eval_source[i])['image'] for i in range(count)])
-  mean_image = stats.mean_image if stats is not None and config.input.get('mean_image') else None
-  net = loading.network_from_state(config, prog.graphdef, state, step=step, epoch=epoch,
-                                   mean_image=mean_image)
-  pictures = commands.training_snapshot(net, images, os.path.join(workdir, 'visualize'), epoch)
-  for name, picture in pictures.items():
-    writer.image(step, f'visualize/{name}', picture)
 
 
 def _hms(seconds: float) -> str:

@@ -8,16 +8,12 @@ here, batch 256, learning rate 0.01 x 0.96 every 8 epochs ("step" schedule), wei
       --config.dataset.data_dir=/path/to/tensorflow_datasets
 """
 
-import ml_collections
-
-from alexnet_jax.configs import base_config
+from alexnet_jax.configs import base_config, model_config
 
 
 def get_config():
   c = base_config()
-  c.model = ml_collections.ConfigDict(dict(
-      name='googlenet', num_classes=1000, image_size=224, width=1.0, aux_heads=True,
-      aux_loss_weight=0.3, dropout=0.4, aux_dropout=0.7, init='xavier'))
+  c.model = model_config('googlenet', aux_heads=True, aux_loss_weight=0.3)
   c.mesh.data, c.mesh.model = -1, 1
   c.batch_size = 256
   c.num_epochs = 60

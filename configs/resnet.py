@@ -8,16 +8,12 @@ checkpointed and used at evaluation. Data parallel over every device.
       --config.dataset.data_dir=/path/to/tensorflow_datasets
 """
 
-import ml_collections
-
-from alexnet_jax.configs import base_config
+from alexnet_jax.configs import base_config, model_config
 
 
 def get_config():
   c = base_config()
-  c.model = ml_collections.ConfigDict(dict(
-      name='resnet', depth=50, num_classes=1000, image_size=224, width=1.0, stride_on_3x3=False,
-      bn_momentum=0.9))
+  c.model = model_config('resnet', depth=50)
   c.mesh.data, c.mesh.model = -1, 1
   c.batch_size = 256
   c.num_epochs = 90

@@ -9,16 +9,12 @@ N(0, 0.01) is --config.model.init=paper). Data parallel over every device.
   # configuration E with batch norm:  --config.model.variant=E --config.model.batch_norm=True
 """
 
-import ml_collections
-
-from alexnet_jax.configs import base_config
+from alexnet_jax.configs import base_config, model_config
 
 
 def get_config():
   c = base_config()
-  c.model = ml_collections.ConfigDict(dict(
-      name='vgg', variant='D', batch_norm=False, num_classes=1000, image_size=224, width=1.0,
-      dropout=0.5, weight_std=0.01, init='glorot'))
+  c.model = model_config('vgg', variant='D', init='glorot')
   c.mesh.data, c.mesh.model = -1, 1
   c.batch_size = 256
   c.num_epochs = 74

@@ -9,16 +9,12 @@ The paper's ablations: --config.model.remove='(3,4)' (or '(7,)', '(6,7)', '(3,4,
 --config.model.fc_width=2048 (or 8192); --config.model.conv_widths='(512,1024,512)'.
 """
 
-import ml_collections
-
-from alexnet_jax.configs import base_config
+from alexnet_jax.configs import base_config, model_config
 
 
 def get_config():
   c = base_config()
-  c.model = ml_collections.ConfigDict(dict(
-      name='zfnet', num_classes=1000, image_size=224, width=1.0, conv_widths=(384, 384, 256),
-      fc_width=4096, remove=(), lrn=True, dropout=0.5, weight_std=0.01, init='paper'))
+  c.model = model_config('zfnet', weight_std=0.01, init='paper')
   c.mesh.data, c.mesh.model = -1, 1
   c.batch_size = 128
   c.num_epochs = 70

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from skimage import data
 
 from alexnet_jax import checkpointing, program, sharding, steps, train
-from alexnet_jax.data import augment, builtin, pipeline, sources, statistics
-from conftest import GRADIENT_STEP, ListSource, gradient_image, tiny_config
+from alexnet_jax.data import augment, builtin, catalog, inputs, pipeline, records, sources, statistics
+from helpers import GRADIENT_STEP, ListSource, gradient_image, tiny_config
 
 TINY = dict(num_train=48, num_val=20, image_size=72, seed=0)
 
@@ -89,15 +90,14 @@ def test_pca_coefficients_are_n_0_sigma_per_image_and_presentation():
 
 
 def test_reduced_scale_jpeg_decode_keeps_the_shorter_side():
-  from skimage import data
-  record = sources.encode_record(data.astronaut(), 0, 'jpeg')  # 512 x 512
-  payload = record[sources.HEADER_SIZE:]
-  assert sources.decode_image_bytes(payload).shape == (512, 512, 3)
-  assert sources.decode_image_bytes(payload, min_side=256).shape == (256, 256, 3)  # 1/2 scale
-  assert sources.decode_image_bytes(payload, min_side=200).shape == (256, 256, 3)  # not 1/4
-  assert sources.decode_image_bytes(payload, min_side=100).shape == (128, 128, 3)
-  full = augment.rescale_center_square(sources.decode_image_bytes(payload), 200)
-  fast = augment.rescale_center_square(sources.decode_image_bytes(payload, min_side=200), 200)
+  record = records.encode_record(data.astronaut(), 0, 'jpeg')  # 512 x 512
+  payload = record[records.HEADER_SIZE:]
+  assert records.decode_image_bytes(payload).shape == (512, 512, 3)
+  assert records.decode_image_bytes(payload, min_side=256).shape == (256, 256, 3)  # 1/2 scale
+  assert records.decode_image_bytes(payload, min_side=200).shape == (256, 256, 3)  # not 1/4
+  assert records.decode_image_bytes(payload, min_side=100).shape == (128, 128, 3)
+  full = augment.rescale_center_square(records.decode_image_bytes(payload), 200)
+  fast = augment.rescale_center_square(records.decode_image_bytes(payload, min_side=200), 200)
   assert np.abs(full.astype(int) - fast).mean() < 3.0
 
 
@@ -168,7 +168,7 @@ def test_ten_view_evaluation_is_the_average_of_single_view_predictions(view_prog
   # Reference: each view alone through the plain model on one device (full logits), then the
   # softmax averaged in NumPy.
   device_params = jax.device_put(jax.device_get(params), jax.devices()[0])
-  predict = jax.jit(lambda p, x: jax.nn.softmax(nnx.merge(prog.graphdef, p)(x, train=False)))
+  predict = jax.jit(lambda p, x: jax.nn.softmax(nnx.merge(prog.graphdef, p)(x, train=False).logits))
   def single_view(images, crops):
     x = steps.normalize(images, None, c.input.std_rgb, jnp.float32,
                         mean_image=stats.mean_image, crop=crops)
@@ -204,7 +204,7 @@ def _same(a, b):
 
 
 def test_same_seed_same_batches_and_mid_epoch_resume(tiny_dir, tmp_path):
-  src = sources.open_record_directory(tiny_dir, 'train')  # 48 examples: 6 batches per epoch
+  src = catalog.open_record_directory(tiny_dir, 'train')  # 48 examples: 6 batches per epoch
   identity = lambda b: b
   straight = pipeline.DevicePrefetch(iter(_stream(src, 7)), identity, size=2)
   expected = [next(straight) for _ in range(12)]
@@ -218,7 +218,7 @@ def test_same_seed_same_batches_and_mid_epoch_resume(tiny_dir, tmp_path):
   for e in expected[:4]:
     _same(e, next(first))
   state = steps.TrainState(step=jnp.int32(4), params={'w': jnp.ones(3)},
-                           opt_state={'m': jnp.zeros(3)}, rng=jax.random.PRNGKey(0))
+                           opt_state={'m': jnp.zeros(3)}, rng=jax.random.key_data(jax.random.key(0)))
   cfg = tiny_config().checkpoint
   cfg.async_save = False
   manager = checkpointing.make_manager(str(tmp_path / 'ckpt'), cfg)
@@ -253,11 +253,11 @@ def test_paper_recipe_trains_and_evaluates_ten_views(tmp_path):
   stats = statistics.load(os.path.join(directory, statistics.FILENAME))
   assert stats.mean_image.shape == (72, 72, 3) and stats.num_images == 48
 
-  src = sources.open_record_directory(directory, 'train')
+  src = catalog.open_record_directory(directory, 'train')
   c.input.resize_to = 32
   with pytest.raises(ValueError, match='smaller than the 67px crops'):
-    train.input_statistics(c, src)
+    inputs.input_statistics(c, src)
   tfds_like = sources.ImageSource(sources.DatasetInfo('x', 'train', 1, 2, ('a', 'b')))
   c.input.resize_to = None
   with pytest.raises(ValueError, match='resize_to=256'):
-    train.input_statistics(c, tfds_like)
+    inputs.input_statistics(c, tfds_like)

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from alexnet_jax import bench_torch  # noqa: E402
+from alexnet_jax.tools import bench_torch  # noqa: E402
 
 
 @pytest.mark.parametrize("towers, expected", [(2, 60_965_224), (1, 62_378_344)])
@@ -52,9 +52,20 @@ def test_tiny_training_step_reports_finite_throughput(channels_last):
         threads=1,
         channels_last=channels_last,
     )
-    ips = result["images_per_second"]
-    assert math.isfinite(ips) and ips > 0
-    assert result["seconds_per_step"] > 0
-    assert math.isfinite(result["loss"])
-    assert result["threads"] == 1
-    assert result["torch_version"] == torch.__version__
+    # The two figures are one measurement: images/s is the batch over the seconds per step.
+    assert result["images_per_second"] == pytest.approx(4 / result["seconds_per_step"])
+    # Two steps on one fixed batch: below chance (ln 10), above zero, finite.
+    assert 0 < result["loss"] < math.log(10)
+
+
+def test_trainer_starts_at_chance_and_learns_its_batch():
+    """At the paper's initialisation (weights N(0, 0.01)) the logits start near zero, so the first
+    step's softmax cross-entropy over 10 classes is ln 10; SGD on the fixed batch then lowers it.
+    A different loss, a broken initialisation or an update that does not step would fail."""
+    trainer = bench_torch.TorchTrainer(towers=2, batch_size=4, image_size=67, num_classes=10,
+                                       width=0.125, threads=1)
+    trainer.time_steps(1)
+    first = trainer.loss
+    assert first == pytest.approx(math.log(10), abs=0.1)
+    trainer.time_steps(2)
+    assert trainer.loss < first - 0.3

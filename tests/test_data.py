@@ -5,27 +5,24 @@ import io
 import json
 import os
 import pickle
+import shutil
 
-import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from PIL import Image
 
-from alexnet_jax.data import builtin
-from alexnet_jax.data import pipeline
-from alexnet_jax.data import sources
-from conftest import ListSource, gradient_image, interrupt_on_call
+from alexnet_jax import configs, errors
+from alexnet_jax.data import builtin, catalog, pipeline, records
+from helpers import ListSource, gradient_image, interrupt_on_call
 
 TINY = dict(num_train=64, num_val=24, image_size=40, seed=0)
 
 
 def _cfg(data_dir, **overrides):
-  cfg = ml_collections.ConfigDict(dict(
-      name="builtin_shapes", data_dir=str(data_dir), train_split="train",
-      eval_split="validation", progress=False, **TINY))
-  for k, v in overrides.items():
-    cfg[k] = v
-  return cfg
+  return configs.dataset_config(**{"name": "builtin_shapes", "data_dir": str(data_dir), **TINY,
+                                   **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +50,9 @@ def _indexed_source(n, size=12):
 @pytest.mark.parametrize("codec", ["raw", "png", "jpeg"])
 def test_record_roundtrip(codec):
   image = gradient_image(9, 13)
-  record = sources.encode_record(image, 7, codec)
+  record = records.encode_record(image, 7, codec)
   assert record[:4] == b"AXJ1"
-  out, label = sources.decode_record(record)
+  out, label = records.decode_record(record)
   assert label == 7 and out.dtype == np.uint8 and out.shape == (9, 13, 3)
   if codec == "jpeg":
     assert np.abs(out.astype(int) - image).mean() < 3
@@ -64,10 +61,10 @@ def test_record_roundtrip(codec):
 
 
 @pytest.mark.parametrize("record", [b"", b"AXJ1", b"XXXX" + bytes(16) + b"abc",
-                                    sources.encode_record(gradient_image(4, 4), 1, "png")[:30]])
+                                    records.encode_record(gradient_image(4, 4), 1, "png")[:30]])
 def test_decode_record_rejects_garbage(record):
-  with pytest.raises(sources.CorruptRecordError):
-    sources.decode_record(record)
+  with pytest.raises(records.CorruptRecordError):
+    records.decode_record(record)
 
 
 # ---------------------------------------------------------------------------
@@ -89,14 +86,14 @@ def test_generator_is_deterministic_and_order_free(tiny_dir, tmp_path):
   sharded = builtin.ensure_builtin(str(tmp_path / "sharded"), progress=False,
                                    examples_per_shard=10, **TINY)
   assert len(_read_shard_bytes(sharded)) == 7 + 3
-  s1 = sources.open_builtin_directory(tiny_dir, "validation")
-  s2 = sources.open_builtin_directory(sharded, "validation")
+  s1 = catalog.open_record_directory(tiny_dir, "validation")
+  s2 = catalog.open_record_directory(sharded, "validation")
   for i in range(len(s1)):
     np.testing.assert_array_equal(s1[i]["image"], s2[i]["image"])
 
 
 def test_builtin_content(tiny_dir):
-  src = sources.open_source(_cfg(os.path.dirname(os.path.dirname(tiny_dir))), "train")
+  src = catalog.open_source(_cfg(os.path.dirname(os.path.dirname(tiny_dir))), "train", progress=False)
   assert len(src) == 64 and src.num_classes == 10
   assert src.class_names == builtin.CLASS_NAMES and len(set(src.class_names)) == 10
   items = [src[i] for i in range(len(src))]
@@ -109,7 +106,7 @@ def test_builtin_content(tiny_dir):
   assert images.shape == (64, 40, 40, 3) and images.dtype == np.uint8
   assert images.reshape(64, -1).std(axis=1).min() > 10  # no flat images
   assert len({im.tobytes() for im in images}) == 64    # all different
-  val = sources.open_source(_cfg(os.path.dirname(os.path.dirname(tiny_dir))), "validation")
+  val = catalog.open_source(_cfg(os.path.dirname(os.path.dirname(tiny_dir))), "validation", progress=False)
   assert len(val) == 24 and val.info.split == "validation"
   assert val.info.image_size == 40
 
@@ -159,7 +156,7 @@ def test_ensure_builtin_is_atomic_and_idempotent(tmp_path, monkeypatch):
 
 
 def test_train_batches_shape_dtype(tiny_dir):
-  src = sources.open_builtin_directory(tiny_dir, "train")
+  src = catalog.open_record_directory(tiny_dir, "train")
   ds = pipeline.train_dataset(src, global_batch_size=16, crop_size=32, seed=0)
   it = iter(ds)
   for _ in range(6):  # more than one epoch (64 / 16 = 4 batches)
@@ -228,7 +225,7 @@ def test_process_slicing_covers_every_record_once():
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_iterator_state_restores_exactly(tiny_dir, workers):
-  src = sources.open_builtin_directory(tiny_dir, "train")
+  src = catalog.open_record_directory(tiny_dir, "train")
   ds = pipeline.train_dataset(src, global_batch_size=8, crop_size=32, seed=11, workers=workers)
   it = iter(ds)
   for _ in range(5):
@@ -309,8 +306,8 @@ def test_step_helpers():
 
 def test_missing_imagenet_explains_how_to_prepare(tmp_path):
   cfg = _cfg(tmp_path, name="imagenet2012")
-  with pytest.raises(sources.DatasetNotFoundError) as info:
-    sources.open_source(cfg, "train")
+  with pytest.raises(errors.DatasetNotFoundError) as info:
+    catalog.open_source(cfg, "train", progress=False)
   message = str(info.value)
   assert "\n" not in message
   assert "imagenet2012" in message and str(tmp_path) in message
@@ -320,8 +317,8 @@ def test_missing_imagenet_explains_how_to_prepare(tmp_path):
 
 
 def test_unknown_dataset_name(tmp_path):
-  with pytest.raises(sources.DatasetNotFoundError) as info:
-    sources.open_source(_cfg(tmp_path, name="no_such_dataset_xyz"), "train")
+  with pytest.raises(errors.DatasetNotFoundError) as info:
+    catalog.open_source(_cfg(tmp_path, name="no_such_dataset_xyz"), "train", progress=False)
   message = str(info.value)
   assert "no_such_dataset_xyz" in message and str(tmp_path) in message
   assert "tfds build no_such_dataset_xyz --file_format=array_record" in message
@@ -329,29 +326,27 @@ def test_unknown_dataset_name(tmp_path):
 
 
 def _rewrite_shard(path, replace):
-  from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
   reader = ArrayRecordReader(path)
-  records = list(reader.read_all())
+  stored = list(reader.read_all())
   reader.close()
   for index, data in replace.items():
-    records[index] = data
+    stored[index] = data
   writer = ArrayRecordWriter(path, "group_size:1")
-  for r in records:
+  for r in stored:
     writer.write(r)
   writer.close()
 
 
 def test_corrupt_records_are_skipped_and_counted(tiny_dir, tmp_path, caplog):
-  import shutil
   directory = str(tmp_path / "copy")
   shutil.copytree(tiny_dir, directory)
   meta = json.load(open(os.path.join(directory, "metadata.json")))
   shard = os.path.join(directory, meta["splits"]["validation"]["shards"][0])
-  good = sources.open_builtin_directory(tiny_dir, "validation")
-  truncated = sources.encode_record(good[7]["image"], 7, "png")[:200]
+  good = catalog.open_record_directory(tiny_dir, "validation")
+  truncated = records.encode_record(good[7]["image"], 7, "png")[:200]
   _rewrite_shard(shard, {3: b"definitely not a record", 7: truncated})
 
-  src = sources.open_builtin_directory(directory, "validation", max_bad_fraction=0.1)
+  src = catalog.open_record_directory(directory, "validation", max_bad_fraction=0.1)
   with caplog.at_level("WARNING"):
     item = src[3]
   np.testing.assert_array_equal(item["image"], good[4]["image"])  # the next good one
@@ -369,9 +364,9 @@ def test_corrupt_records_are_skipped_and_counted(tiny_dir, tmp_path, caplog):
   np.testing.assert_array_equal(clone[0]["image"], good[0]["image"])
 
   # Over the threshold (2 of 24 > 5 %): a clear error.
-  strict = sources.open_builtin_directory(directory, "validation", max_bad_fraction=0.05)
+  strict = catalog.open_record_directory(directory, "validation", max_bad_fraction=0.05)
   strict[3]
-  with pytest.raises(sources.TooManyBadRecordsError, match="max_bad_fraction"):
+  with pytest.raises(errors.TooManyBadRecordsError, match="max_bad_fraction"):
     strict[7]
 
 
@@ -387,8 +382,6 @@ def _png(image):
 
 
 def _tfds_builder_class():
-  import tensorflow_datasets as tfds
-
   class TinyShapesForTest(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     name = "alexnet_jax_tiny_test_set"
     VERSION = tfds.core.Version("1.0.0")
@@ -419,7 +412,7 @@ def test_tfds_array_record_source(tmp_path):
   builder = _tfds_builder_class()(data_dir=str(tmp_path), file_format="array_record")
   builder.download_and_prepare()
   cfg = _cfg(tmp_path, name="alexnet_jax_tiny_test_set")
-  train = sources.open_source(cfg, "train")
+  train = catalog.open_source(cfg, "train", progress=False)
   assert len(train) == 9 and train.num_classes == 3
   assert train.class_names == ("zero", "one", "two")
   for i in range(len(train)):
@@ -428,15 +421,15 @@ def test_tfds_array_record_source(tmp_path):
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[1:] == (12, 3)
     assert item["label"] == image[0, 0, 0]  # pixel and label were stored together
   # The set has no 'validation' split: 'test' stands in.
-  val = sources.open_source(cfg, "validation")
+  val = catalog.open_source(cfg, "validation", progress=False)
   assert val.info.split == "test" and len(val) == 4
   # Pickled copies reopen the data lazily (grain worker processes).
   clone = pickle.loads(pickle.dumps(val))
   np.testing.assert_array_equal(clone[2]["image"], val[2]["image"])
   batches = list(pipeline.eval_dataset(val, global_batch_size=4, crop_size=8))
   assert len(batches) == 1 and batches[0]["mask"].sum() == 4
-  with pytest.raises(sources.DatasetNotFoundError, match="no split"):
-    sources.open_source(cfg, "extra")
+  with pytest.raises(errors.DatasetNotFoundError, match="no split"):
+    catalog.open_source(cfg, "extra", progress=False)
 
 
 class _PrioritySource:

@@ -1,14 +1,17 @@
 """The deconvnet against a direct NumPy construction, and receptive fields against the geometry."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 from flax import nnx
 
 from alexnet_jax.models import create_model, layers
-from alexnet_jax.visualize import deconvnet
-from conftest import tiny_config
+from alexnet_jax.visualize import checkpoints, deconvnet
+from helpers import tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -24,7 +27,7 @@ def net():
     if path[-1].key == 'bias':
       return np.float32(0.1) * rng.standard_normal(x.shape, np.float32)
     return rng.standard_normal(x.shape, np.float32) / np.float32(np.sqrt(np.prod(x.shape[1:-1])))
-  params = jax.tree_util.tree_map_with_path(randomise, params)
+  params = jax.tree.map_with_path(randomise, params)
   images = rng.standard_normal((3, 67, 67, 3), np.float32)
   apply = deconvnet.make_apply(graphdef)
   return config, jax.jit(apply, static_argnums=2), params, images
@@ -191,9 +194,6 @@ def test_zoo_networks_project_through_the_deconvnet(model):
   """ZFNet (pool then contrast normalisation) and VGG with batch norm (its running statistics come
   with the training state): projections of a mid layer are finite, non-zero, and inside the
   activation's receptive field."""
-  from types import SimpleNamespace
-  import ml_collections
-  from alexnet_jax.visualize import loading
   config = tiny_config()
   config.model = ml_collections.ConfigDict(model)
   config.mesh.model = 1
@@ -202,7 +202,7 @@ def test_zoo_networks_project_through_the_deconvnet(model):
   state = SimpleNamespace(params=nnx.to_pure_dict(params), batch_stats=nnx.to_pure_dict(batch_stats))
   if model['name'] == 'vgg':  # running statistics that differ from the fresh ones
     state.batch_stats = jax.tree.map(lambda v: v * 0.5, state.batch_stats)
-  net = loading.network_from_state(config, graphdef, state)
+  net = checkpoints.network_from_state(config, graphdef, state)
   if model['name'] == 'vgg':
     np.testing.assert_array_equal(net.params['conv1_1_bn']['var'], 0.5)
   size = config.model.image_size

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from alexnet_jax.models import UnknownModelError, create_model, layers
+from alexnet_jax.errors import ConfigError, UnknownModelError
+from alexnet_jax.models import create_model, layers
 from alexnet_jax.models.alexnet import AlexNet, AlexNetSpec
+from helpers import PAPER_NEURONS
 
-PAPER_NEURONS = dict(conv1=290_400, conv2=186_624, conv3=64_896, conv4=64_896, conv5=43_264,
-                     fc6=4096, fc7=4096, fc8=1000)
 
 
 def _abstract(spec: AlexNetSpec):
@@ -30,7 +30,7 @@ def test_parameter_count(towers, expected):
 def test_neurons_and_maps_at_227(towers):
   model = _abstract(AlexNetSpec(towers=towers))
   x = jax.ShapeDtypeStruct((3, 227, 227, 3), jnp.float32)
-  logits, acts = jax.eval_shape(lambda m, x: m(x, capture=True), model, x)
+  logits, _, acts = jax.eval_shape(lambda m, x: m(x, capture=True), model, x)
   assert logits.shape == (3, 1000)
   neurons = {k: int(np.prod(v.shape[2:])) * v.shape[0] for k, v in acts.items()}
   assert neurons == PAPER_NEURONS
@@ -74,7 +74,7 @@ def test_lrn_matches_numpy(divided, beta):
 def test_lrn_is_per_tower():
   model = AlexNet(AlexNetSpec(width=0.125, image_size=67, num_classes=10), rngs=nnx.Rngs(0))
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 67, 67, 3)), jnp.float32)
-  acts = jax.jit(lambda x: model(x, capture=True)[1])(x)  # one compile beats ~300 eager ops
+  acts = jax.jit(lambda x: model(x, capture=True).activations)(x)  # one compile beats ~300 eager ops
   # LRN of the tower-split maps equals LRN of each tower alone, not of the concatenation.
   towered = layers.local_response_norm(acts['conv1'])
   joined = layers.local_response_norm(jnp.concatenate(list(acts['conv1']), -1))
@@ -108,19 +108,19 @@ def test_own_tower_layers_ignore_the_other_tower():
 def test_dropout_only_in_training():
   model = AlexNet(AlexNetSpec(width=0.125, image_size=67, num_classes=10), rngs=nnx.Rngs(0))
   x = jnp.ones((2, 67, 67, 3))
-  np.testing.assert_array_equal(model(x), model(x))
+  np.testing.assert_array_equal(model(x).logits, model(x).logits)
   key = jax.random.key(0)
-  assert not np.allclose(model(x, train=True, dropout_key=key), model(x))
+  assert not np.allclose(model(x, train=True, dropout_key=key).logits, model(x).logits)
 
 
 def test_bad_model_configs():
   with pytest.raises(UnknownModelError, match='unknown model'):
     create_model(dict(name='alexnett'), nnx.Rngs(0))
-  with pytest.raises(ValueError, match='divisible'):
+  with pytest.raises(ConfigError, match='divisible'):
     create_model(dict(name='alexnet', towers=2, num_classes=11), nnx.Rngs(0))
-  with pytest.raises(ValueError, match='too small'):
+  with pytest.raises(ConfigError, match='too small'):
     create_model(dict(name='alexnet', image_size=50), nnx.Rngs(0))
-  with pytest.raises(ValueError, match='bad config.model'):
+  with pytest.raises(ConfigError, match="config.model has no field 'colour'"):
     create_model(dict(name='alexnet', colour=3), nnx.Rngs(0))
 
 

@@ -1,24 +1,24 @@
-"""Tests for alexnet_jax.prepare and data.statistics: a folder of images → a prepared set."""
+"""Tests for alexnet_jax.tools.prepare and data.statistics: a folder of images → a prepared set."""
 
 import json
 import os
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
+from skimage import data
 
-from alexnet_jax import prepare
-from alexnet_jax.data import augment, sources, statistics
-from conftest import interrupt_on_call
+from alexnet_jax import configs, errors
+from alexnet_jax.data import augment, catalog, prepare, statistics
+from alexnet_jax.tools import bench_input
+from helpers import interrupt_on_call
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _photo_crops():
-  from skimage import data
   return [data.chelsea(), data.astronaut(), data.coffee()]
 
 
@@ -73,7 +73,7 @@ def prepared(folder, tmp_path_factory):
 
 
 def _all_records(directory, split):
-  src = sources.open_record_directory(directory, split)
+  src = catalog.open_record_directory(directory, split)
   return [src[i] for i in range(len(src))]
 
 
@@ -94,8 +94,8 @@ def test_prepare_from_folder(folder, prepared):
   assert 'UnidentifiedImageError' in skipped['notes.txt']
   # No bookkeeping left behind; the set opens by name like any other.
   assert sorted(f for f in os.listdir(directory) if f.startswith('.') or 'plan' in f) == []
-  cfg = ml_collections.ConfigDict(dict(name='photos', data_dir=data_dir))
-  train = sources.open_source(cfg, 'train')
+  cfg = configs.dataset_config(name='photos', data_dir=data_dir)
+  train = catalog.open_source(cfg, 'train')
   assert len(train) == counts['train'] and train.class_names == ('astronaut', 'cat', 'coffee')
   for i in range(len(train)):
     item = train[i]
@@ -140,7 +140,7 @@ def test_statistics_match_numpy(prepared):
   np.testing.assert_allclose(cov @ stats.eigvecs, stats.eigvecs * stats.eigvals, atol=1e-6)
   assert stats.num_images == len(images)
   # The generic one-pass computation over a source agrees with the per-shard sums of prepare.
-  again = statistics.compute(sources.open_record_directory(directory, 'train'), 64, progress=False)
+  again = statistics.compute(catalog.open_record_directory(directory, 'train'), 64, progress=False)
   np.testing.assert_allclose(again.mean_image, stats.mean_image, atol=1e-4)
   np.testing.assert_allclose(again.eigvals, stats.eigvals, rtol=1e-9)
 
@@ -176,14 +176,14 @@ def test_resume_after_interruption(folder, prepared, tmp_path, monkeypatch):
     prepare.prepare(root, 'photos', **kwargs)
   directory = os.path.join(str(tmp_path), 'photos')
   assert not os.path.exists(os.path.join(directory, 'metadata.json'))
-  with pytest.raises(sources.DatasetNotFoundError, match='metadata.json'):
-    sources.open_record_directory(directory, 'train')
+  with pytest.raises(errors.DatasetNotFoundError, match='metadata.json'):
+    catalog.open_record_directory(directory, 'train')
   done = sorted(f for f in os.listdir(directory) if f.endswith('.done.json'))
   assert len(done) == 2  # shards of 4 files; the 10th file was in the third
   stamps = {f: os.stat(os.path.join(directory, f[1:-len('.done.json')])).st_mtime_ns for f in done}
 
   # Another source or options: refused, nothing damaged.
-  with pytest.raises(prepare.PrepareError, match='unfinished preparation'):
+  with pytest.raises(errors.PrepareError, match='unfinished preparation'):
     prepare.prepare(root, 'photos', **{**kwargs, 'image_size': 32})
 
   counted = []
@@ -208,21 +208,21 @@ def test_val_dir_and_bad_arguments(folder, tmp_path):
   Image.fromarray(_photo_crops()[0][:80, :90]).save(val / 'cat' / 'a.jpg')
   directory = prepare.prepare(root, 'withval', data_dir=str(tmp_path), val_dir=str(val),
                               image_size=32, workers=0, progress=False, max_pixels=SMALL_LIMIT)
-  v = sources.open_record_directory(directory, 'validation')
+  v = catalog.open_record_directory(directory, 'validation')
   assert len(v) == 1 and v[0]['label'] == 1  # 'cat' is class 1 of the training folder
-  with pytest.raises(prepare.PrepareError, match='not both'):
+  with pytest.raises(errors.PrepareError, match='not both'):
     prepare.prepare(root, 'x', data_dir=str(tmp_path), val_dir=str(val), val_fraction=0.1)
   os.makedirs(val / 'zebra')
-  with pytest.raises(prepare.PrepareError, match='zebra'):
+  with pytest.raises(errors.PrepareError, match='zebra'):
     prepare.prepare(root, 'y', data_dir=str(tmp_path), val_dir=str(val))
-  with pytest.raises(sources.DatasetNotFoundError, match='class subfolders'):
+  with pytest.raises(errors.DatasetNotFoundError, match='class subfolders'):
     prepare.prepare(str(tmp_path / 'val' / 'cat'), 'z', data_dir=str(tmp_path))
 
 
 def test_cli_reports_and_fails_in_one_line(folder, tmp_path):
   root, _ = folder
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  run = lambda *a: subprocess.run([sys.executable, '-m', 'alexnet_jax.prepare', *a], cwd=REPO,
+  run = lambda *a: subprocess.run([sys.executable, '-m', 'alexnet_jax.tools.prepare', *a], cwd=REPO,
                                   env=env, capture_output=True, text=True, timeout=120)
   ok = run(f'--source={root}', '--name=cli', f'--data_dir={tmp_path}', '--image_size=32',
            '--workers=2', f'--max_pixels={SMALL_LIMIT}')
@@ -235,7 +235,6 @@ def test_cli_reports_and_fails_in_one_line(folder, tmp_path):
 
 def test_bench_input_times_every_pipeline(tmp_path):
   """bench_input's folder → prepared set → figures path, on a few ImageNet-like JPEGs."""
-  from alexnet_jax import bench_input
   jpegs, data_dir = str(tmp_path / 'jpegs'), str(tmp_path / 'tfds')
   bench_input.make_folder(jpegs, 20, classes=2)
   sizes = [Image.open(os.path.join(jpegs, 'class_000', f)).size

@@ -6,8 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from alexnet_jax import comm_map, program, sharding
-from conftest import tiny_config
+from alexnet_jax import errors, program, sharding
+from alexnet_jax.tools import comm_map
+from helpers import tiny_config
 
 
 def _batch(n=16, size=67, seed=0):
@@ -90,19 +91,32 @@ def test_parse_iota_replica_groups():
 
 
 def test_comm_map_table_lists_layers(collectives_4x2):
-  text = comm_map.format_table(comm_map.summarize(collectives_4x2), {'data': 4, 'model': 2})
-  assert 'conv3' in text and 'all-gather' in text and 'conv2' in text  # conv2: gradients only
-  assert not any(l.startswith('conv2') and 'model' in l for l in text.splitlines())
+  rows = comm_map.summarize(collectives_4x2)
+  lines = comm_map.format_table(rows, {'data': 4, 'model': 2}).splitlines()
+  assert lines[0].endswith('mesh data=4 x model=2')
+  # One line per summarised row, every column as summarised, in network order (forward first).
+  body = [line.split() for line in lines[2:-1]]
+  assert [(l[0], l[1], l[2], l[3], int(l[4]), int(l[5].replace(',', ''))) for l in body] == [
+      (r['layer'], r['direction'], r['kind'], r['axis'], r['ops'], r['bytes']) for r in rows]
+  order = [comm_map.SCOPES.index(l[0]) for l in body]
+  assert order == sorted(order)
+  # conv2 reads only its own tower: its one row is the gradient all-reduce over the data axis.
+  assert [l[1:4] for l in body if l[0] == 'conv2'] == [['backward', 'all-reduce', 'data']]
+  # The closing line adds the bytes up per axis.
+  totals = {}
+  for c in collectives_4x2:
+    totals[c.axis] = totals.get(c.axis, 0) + c.bytes
+  assert lines[-1] == 'total: ' + ', '.join(f'{a} {b:,} bytes' for a, b in sorted(totals.items()))
 
 
 def test_mesh_errors():
   cfg = lambda d, m: ml_collections.ConfigDict(dict(data=d, model=m))
   assert sharding.mesh_shape(cfg(-1, 2), num_devices=8, towers=2) == (4, 2)
   assert sharding.mesh_shape(cfg(-1, 1), num_devices=8, towers=2) == (8, 1)
-  with pytest.raises(sharding.MeshError, match='needs 16 devices but only 8'):
+  with pytest.raises(errors.MeshError, match='needs 16 devices but only 8'):
     sharding.mesh_shape(cfg(8, 2), num_devices=8, towers=2)
-  with pytest.raises(sharding.MeshError, match='must divide model.towers'):
+  with pytest.raises(errors.MeshError, match='must divide model.towers'):
     sharding.mesh_shape(cfg(1, 2), num_devices=8, towers=1)
   mesh = sharding.make_mesh(cfg(4, 2), towers=2)
-  with pytest.raises(sharding.MeshError, match='not divisible by the mesh data axis'):
+  with pytest.raises(errors.MeshError, match='not divisible by the mesh data axis'):
     sharding.check_batch(18, mesh)

@@ -2,14 +2,17 @@
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from alexnet_jax import summary
+from alexnet_jax.models import describe
+from alexnet_jax.tools import summary
 from alexnet_jax.configs import base_config
-from test_models import PAPER_NEURONS
+from helpers import PAPER_NEURONS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +22,7 @@ def test_summary_table(towers, params):
   c = base_config()
   c.model.towers = towers
   c.mesh.model = towers
-  table = summary.layer_table(c)
+  table = describe.layer_table(c)
   assert table['total_parameters'] == params
   assert {r['layer']: r['neurons'] for r in table['layers']} == PAPER_NEURONS
   reads = {r['layer']: r['reads'] for r in table['layers']}
@@ -43,9 +46,9 @@ def _tool(module, *args):
 
 
 @pytest.mark.parametrize('module, args, message', [
-    ('alexnet_jax.summary', ['--config.model.name=lenet'], "unknown model 'lenet'"),
-    ('alexnet_jax.summary', ['--config.model.name=resnet'], "bad config.model for 'resnet'"),
-    ('alexnet_jax.comm_map', ['--config.mesh.model=3'], 'mesh'),
+    ('alexnet_jax.tools.summary', ['--config.model.name=lenet'], "unknown model 'lenet'"),
+    ('alexnet_jax.tools.summary', ['--config.model.name=resnet'], "for model 'resnet'"),
+    ('alexnet_jax.tools.comm_map', ['--config.mesh.model=3'], 'mesh'),
 ])
 def test_tools_report_bad_input_in_one_line(module, args, message):
   proc = _run_tool(module, '--config=configs/two_gpu.py', *args)
@@ -56,21 +59,41 @@ def test_tools_report_bad_input_in_one_line(module, args, message):
 
 
 def test_summary_cli_json():
-  out = json.loads(_tool('alexnet_jax.summary', '--config=configs/two_gpu.py', '--json'))
+  out = json.loads(_tool('alexnet_jax.tools.summary', '--config=configs/two_gpu.py', '--json'))
   assert out['total_parameters'] == 60_965_224 and out['input_neurons'] == 154_587
 
 
 def test_comm_map_cli_json():
-  out = json.loads(_tool('alexnet_jax.comm_map', '--config=configs/demo.py', '--json',
+  out = json.loads(_tool('alexnet_jax.tools.comm_map', '--config=configs/demo.py', '--json',
                          '--config.model.width=0.0625', '--config.model.image_size=67',
                          '--config.batch_size=16'))
   model_layers = {r['layer'] for r in out['collectives'] if r['axis'] == 'model'}
   assert model_layers == {'conv3', 'fc6', 'fc7', 'fc8', 'loss'} and out['mesh'] == {'data': 1, 'model': 2}
 
 
+def _forward_flops_per_image(config) -> int:
+  """2 x multiply-adds of every layer's weights at every output position (biases aside)."""
+  flops = 0
+  for row in describe.layer_table(config)['layers']:
+    *spatial, maps = row['output_shape']
+    flops += 2 * int(np.prod(spatial, dtype=np.int64)) * (row['parameters'] - maps)
+  return flops
+
+
 def test_bench_cli_prints_figures():
-  out = json.loads(_tool('alexnet_jax.bench', '--config=configs/demo.py', '--json', '--torch=false',
-                         '--config.model.width=0.0625', '--config.model.image_size=67',
-                         '--batch_size=8', '--steps=1', '--warmup=1', '--repeats=1'))
-  assert out['framework_images_per_second'] > 0 and out['bare_jit_images_per_second'] > 0
-  assert out['step_gflops'] > 0 and out['mesh'] == {'data': 1, 'model': 2}
+  out = json.loads(_tool('alexnet_jax.tools.bench', '--config=configs/demo.py', '--json',
+                         '--torch=false', '--config.model.width=0.0625',
+                         '--config.model.image_size=67', '--batch_size=8', '--steps=1',
+                         '--warmup=1', '--repeats=1'))
+  assert (out['model'], out['towers'], out['batch_size'], out['image_size']) == ('alexnet', 2, 8, 67)
+  assert out['mesh'] == {'data': 1, 'model': 2} and out['dtype'] == 'float32'
+  assert out['framework_vs_bare_jit'] == pytest.approx(
+      out['framework_images_per_second'] / out['bare_jit_images_per_second'])
+  # XLA's count of the compiled step, over both devices, against the network's own arithmetic:
+  # a training step is the forward pass and two backward products (about 3x; conv1 needs no input
+  # gradient, the pooling, LRN and update add a little). A step compiled for one device only, or
+  # counted twice, or missing its backward pass falls outside.
+  config = runpy.run_path(os.path.join(REPO, 'configs', 'demo.py'))['get_config']()
+  config.model.update(width=0.0625, image_size=67)
+  ratio = out['step_gflops'] * 1e9 / (8 * _forward_flops_per_image(config))
+  assert 2.5 < ratio < 3.6, ratio

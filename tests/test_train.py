@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from alexnet_jax import checkpointing, program, sharding, train
-from conftest import tiny_config
+from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

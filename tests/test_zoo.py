@@ -15,9 +15,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from alexnet_jax import checkpointing, comm_map, optim, program, sharding, summary
-from alexnet_jax.configs import base_config
-from alexnet_jax.models import create_model
+from alexnet_jax import checkpointing, errors, optim, program, sharding
+from alexnet_jax.models import describe
+from alexnet_jax.tools import comm_map
+from alexnet_jax.configs import IMAGENET_STD_RGB, base_config
+from alexnet_jax.models import contract, create_model
+from alexnet_jax.visualize import deconvnet
 from alexnet_jax.models.zfnet import ZFNetSpec
 
 # Compiling the zoo's many small convolutions with XLA's full CPU optimisation takes minutes on a
@@ -63,7 +66,7 @@ def test_parameter_counts(model_cfg, expected):
 def test_zfnet_maps_are_the_papers():
   model = _abstract(dict(name='zfnet'))
   x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
-  logits, acts = jax.eval_shape(lambda m, x: m(x, capture=True), model, x)
+  logits, _, acts = jax.eval_shape(lambda m, x: m(x, capture=True), model, x)
   assert logits.shape == (2, 1000)
   sizes = ZFNetSpec().map_sizes()
   assert [sizes[k] for k in ('conv1', 'pool1', 'conv2', 'pool2', 'conv3', 'conv5', 'pool5')] == \
@@ -79,10 +82,56 @@ def test_zfnet_maps_are_the_papers():
 def test_output_shapes_at_small_resolution(model_cfg, size, layers):
   model = _abstract(dict(model_cfg, num_classes=10, image_size=size, width=0.125))
   x = jax.ShapeDtypeStruct((3, size, size, 3), jnp.float32)
-  logits, acts = jax.eval_shape(lambda m, x: m(x, capture=True), model, x)
+  logits, _, acts = jax.eval_shape(lambda m, x: m(x, capture=True), model, x)
   assert logits.shape == (3, 10) and len(acts) == layers
-  assert jax.eval_shape(lambda m, x: m(x, gather_logits=False), model, x).shape == (1, 3, 10)
+  assert jax.eval_shape(lambda m, x: m(x, gather_logits=False), model, x).logits.shape == (1, 3, 10)
   assert all(a.shape[:2] == (1, 3) for a in acts.values())  # one tower, then the batch
+
+
+# The contract every model declares (models.contract): capabilities, layer order, output.
+CONTRACT = [
+    # model config, size, supports_deconv, has_aux_heads, has_batch_stats
+    (dict(name='alexnet'), 67, True, False, False),
+    (dict(name='alexnet', towers=4, hybrid=True), 67, True, False, False),
+    (dict(name='zfnet'), 67, True, False, False),
+    (dict(name='vgg', variant='A-LRN'), 32, True, False, False),
+    (dict(name='vgg', variant='B', batch_norm=True), 32, True, False, True),
+    (dict(name='googlenet'), 80, False, True, False),
+    (dict(name='googlenet', aux_heads=False), 80, False, False, False),
+    (dict(name='resnet', depth=18), 32, False, False, True),
+]
+
+
+@pytest.mark.parametrize('model_cfg, size, deconv, aux, batch_stats', CONTRACT,
+                         ids=lambda x: str(x) if isinstance(x, dict) else None)
+def test_every_model_declares_its_contract(model_cfg, size, deconv, aux, batch_stats):
+  model = _abstract(dict(model_cfg, num_classes=12, image_size=size, width=0.125))
+  assert isinstance(model, contract.Classifier)
+  assert (model.supports_deconv, model.has_aux_heads, model.has_batch_stats) == (
+      deconv, aux, batch_stats)
+  x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  key = jax.random.key(0)
+  for train in (False, True):
+    out = jax.eval_shape(lambda m, x: m(x, train=train, dropout_key=key, capture=True), model, x)
+    assert isinstance(out, contract.ModelOutput) and out.logits.shape == (2, 12)
+    # The layers capture records, in the order they run, are the ones the model declares.
+    assert tuple(out.activations) == model.layer_names
+    assert len(out.aux_logits) == (2 if aux and train else 0)
+    assert all(a.shape == (2, 12) for a in out.aux_logits)
+  plain = jax.eval_shape(lambda m, x: m(x), model, x)
+  assert plain.activations == {} and plain.aux_logits == ()
+  if not deconv:  # asking anyway is a caller's bug, never silently ignored
+    with pytest.raises(TypeError, match='does not support deconv=True'):
+      jax.eval_shape(lambda m, x: m(x, deconv=True), model, x)
+
+
+def test_deconvnet_of_a_model_without_one_is_refused_in_one_sentence():
+  model = _abstract(dict(name='resnet', depth=18, num_classes=10, image_size=32, width=0.0625))
+  graphdef, params = nnx.split(model)
+  apply = deconvnet.make_apply(graphdef)
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  with pytest.raises(errors.ConfigError, match='ResNet has no deconvnet'):
+    jax.eval_shape(lambda p, x: apply(p, x, True), params, x)
 
 
 @pytest.mark.parametrize('remove, widths, expected', [
@@ -98,7 +147,7 @@ def test_zfnet_ablations(remove, widths, expected):
   if expected is not None:
     assert _param_count(model) == expected
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-  _, acts = jax.eval_shape(lambda m, x: m(x, capture=True), model, x)
+  acts = jax.eval_shape(lambda m, x: m(x, capture=True), model, x).activations
   assert not any(f'{n}' in acts for n in ('conv3', 'conv4', 'fc6', 'fc7')
                  if int(n[-1]) in remove)
   if 'fc_width' in widths:
@@ -125,6 +174,7 @@ def test_bad_zoo_configs():
 def zoo_config(model: dict, size: int, *, data: int = 2):
   c = base_config()
   c.model = ml_collections.ConfigDict(dict(model, num_classes=10, image_size=size, width=0.0625))
+  c.input.std_rgb = IMAGENET_STD_RGB  # unit-variance inputs for the scaled-down He-initialised nets
   c.mesh.update(data=data, model=1)
   c.batch_size = 8
   c.eval_batch_size = 8
@@ -293,7 +343,7 @@ def test_summary_lists_every_model(model_cfg, total):
   c.model = ml_collections.ConfigDict(model_cfg)
   c.model.image_size = 224
   c.mesh.model = 1
-  table = summary.layer_table(c)
+  table = describe.layer_table(c)
   assert table['total_parameters'] == total
   names = [r['layer'] for r in table['layers']]
   assert names[0] in ('conv1', 'conv1_1') and names[-1] in ('fc', 'fc8')
@@ -317,7 +367,7 @@ def _hybrid_config(data, model):
 def test_hybrid_batch_must_split_over_the_model_axis_before_anything_compiles():
   c = _hybrid_config(2, 2)
   c.batch_size = 6   # 3 examples per data shard cannot split over 2 model devices
-  with pytest.raises(sharding.MeshError, match='multiple of mesh.data x mesh.model = 4'):
+  with pytest.raises(errors.MeshError, match='multiple of mesh.data x mesh.model = 4'):
     program.build_program(c, steps_per_epoch=1)
   c.model.hybrid = False   # the two-tower model shares every example between its towers
   program.build_program(c, steps_per_epoch=1)

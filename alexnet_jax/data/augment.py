@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from alexnet_jax.errors import ConfigError
+
 TEN_VIEWS = 10
 
 
@@ -78,7 +80,7 @@ def view_windows(height: int, width: int, size: int, views: str) -> list[tuple[i
     b, r = height - size, width - size
     five = [(0, 0), (0, r), (b, 0), (b, r), (ct, cl)]
     return [(t, l, f) for f in (False, True) for t, l in five]
-  raise ValueError(f"unknown eval views {views!r}; choose 'center' or 'ten'")
+  raise ConfigError(f"unknown eval views {views!r}; choose 'center' or 'ten'")
 
 
 def pca_shift(alpha: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray) -> np.ndarray:

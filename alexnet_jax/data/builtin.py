@@ -16,7 +16,7 @@ The label of example `index` is `index % 10` (classes balanced to within one).
 Layout on disk (`ensure_builtin` returns the directory)::
 
     {data_dir}/builtin_shapes/{image_size}px_{num_train}_{num_val}_s{seed}/
-        train.array_record-00000-of-0000N ...   records: see sources.encode_record
+        train.array_record-00000-of-0000N ...   records: see records.encode_record
         validation.array_record-00000-of-0000M ...
         metadata.json                           written last; marks the set complete
 """
@@ -24,7 +24,6 @@ Layout on disk (`ensure_builtin` returns the directory)::
 from __future__ import annotations
 
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -32,14 +31,16 @@ import shutil
 import tempfile
 import time
 
+from absl import logging
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
-from alexnet_jax.data import sources
+from alexnet_jax.data import records
 
-log = logging.getLogger(__name__)
 
-NAME = sources.BUILTIN_NAME
+NAME = "builtin_shapes"
 FORMAT_VERSION = 1
 CLASS_NAMES = ("disc", "square", "triangle", "star", "cross", "ring", "hexagon", "arrow",
                "stripes", "checkerboard")
@@ -171,7 +172,7 @@ def generate_example(seed: int, split_id: int, index: int,
 def _encode_example(args: tuple[int, int, int, int]) -> bytes:
   seed, split_id, index, image_size = args
   image, label = generate_example(seed, split_id, index, image_size)
-  return sources.encode_record(image, label, CODEC, png_compress_level=1)
+  return records.encode_record(image, label, CODEC, png_compress_level=1)
 
 
 # ---------------------------------------------------------------------------
@@ -237,16 +238,16 @@ def ensure_builtin(data_dir: str, *, num_train: int = 10000, num_val: int = 2000
                       num_workers=num_workers)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the set is meant to be shared
     if os.path.exists(final) and not is_complete(final):
-      log.warning("removing incomplete or outdated %s", final)
+      logging.warning("removing incomplete or outdated %s", final)
       shutil.rmtree(final, ignore_errors=True)
     try:
       os.replace(tmp, final)
     except OSError:
       if not is_complete(final):  # not a lost race: a real failure
         raise
-      log.info("%s was completed by another process meanwhile", final)
+      logging.info("%s was completed by another process meanwhile", final)
     else:
-      log.info("generated %s (%d + %d images) in %.1fs", final,
+      logging.info("generated %s (%d + %d images) in %.1fs", final,
                meta["splits"]["train"]["num_examples"],
                meta["splits"]["validation"]["num_examples"], time.time() - start)
   finally:
@@ -256,8 +257,6 @@ def ensure_builtin(data_dir: str, *, num_train: int = 10000, num_val: int = 2000
 
 def _write_set(directory: str, *, num_train: int, num_val: int, image_size: int, seed: int,
                progress: bool, examples_per_shard: int, num_workers: int | None) -> dict:
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
   sizes = {"train": num_train, "validation": num_val}
   shards = {split: _shard_names(split, n, examples_per_shard) for split, n in sizes.items()}
@@ -302,7 +301,7 @@ def _write_set(directory: str, *, num_train: int, num_val: int, image_size: int,
       "image_size": image_size,
       "seed": seed,
       "codec": CODEC,
-      "record_format": "sources.encode_record: 20-byte header (magic AXJ1, int64 label, "
+      "record_format": "records.encode_record: 20-byte header (magic AXJ1, int64 label, "
                        "uint16 height, uint16 width, uint8 codec) + image payload",
       "splits": {split: {"num_examples": n, "shards": shards[split]}
                  for split, n in sizes.items()},

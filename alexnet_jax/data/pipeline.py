@@ -1,7 +1,7 @@
 """grain input pipelines: infinite shuffled training batches and exact evaluation passes.
 
 Both take a random-access source whose items are `{'image': uint8 (H, W, 3), 'label':
-int}` (see `sources.open_source`) and yield host-local batches of numpy arrays:
+int}` (see `catalog.open_source`) and yield host-local batches of numpy arrays:
 
 - train: `{'image': uint8 (local_batch, crop, crop, 3), 'label': int32 (local_batch,),
   'crop': int32 (local_batch, 3), 'alpha': float32 (local_batch, 3)}`: each window's (top,
@@ -32,8 +32,10 @@ import os
 
 import grain
 import numpy as np
+from absl import flags
 
 from alexnet_jax.data import augment
+from alexnet_jax.errors import ConfigError
 
 __all__ = ["train_dataset", "eval_dataset", "steps_per_epoch", "eval_steps",
            "TrainAugment", "EvalTransform", "local_batch_size", "DevicePrefetch"]
@@ -147,7 +149,6 @@ def _process_seed(seed: int, process_index: int) -> int:
 def _ensure_absl_flags_parsed() -> None:
   """grain's worker processes read absl flags (profiling switches); outside an absl
   app (tests, notebooks) nobody parsed them, so mark them parsed with their defaults."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -171,10 +172,10 @@ def _set_worker_priority(priority: str, worker_index: int, worker_count: int) ->
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
-def _finish(ds: grain.MapDataset, *, workers: int, read_threads: int,
+def finish(ds: grain.MapDataset, *, workers: int, read_threads: int,
             prefetch_buffer: int, worker_priority: str = 'normal') -> grain.IterDataset:
   if worker_priority not in WORKER_PRIORITIES:
-    raise ValueError(f'unknown input.worker_priority {worker_priority!r}; choose one of '
+    raise ConfigError(f'unknown input.worker_priority {worker_priority!r}; choose one of '
                      f'{", ".join(WORKER_PRIORITIES)}')
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=prefetch_buffer))
@@ -206,7 +207,7 @@ def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   if len(source) < process_count:
-    raise ValueError(f"{len(source)} examples cannot be split over {process_count} processes")
+    raise ConfigError(f"{len(source)} examples cannot be split over {process_count} processes")
   ds = grain.MapDataset.source(source)
   ds = ds[process_index::process_count]
   ds = ds.seed(_process_seed(seed, process_index))
@@ -215,7 +216,7 @@ def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
   ds = ds.random_map(TrainAugment(crop_size, resize_to, random_crop=random_crop, flip=flip,
                                   pca_std=pca_std))
   ds = ds.batch(local, drop_remainder=True)
-  return _finish(ds, workers=workers, read_threads=read_threads,
+  return finish(ds, workers=workers, read_threads=read_threads,
                  prefetch_buffer=prefetch_buffer, worker_priority=worker_priority)
 
 
@@ -240,7 +241,7 @@ def eval_dataset(source, *, global_batch_size: int, crop_size: int, process_inde
     pad = grain.MapDataset.range(padded - len(ds)).map(_Padding(crop_size, views))
     ds = grain.MapDataset.concatenate([ds, pad]) if len(ds) else pad
   ds = ds.batch(local, drop_remainder=True)
-  return _finish(ds, workers=workers, read_threads=read_threads,
+  return finish(ds, workers=workers, read_threads=read_threads,
                  prefetch_buffer=prefetch_buffer)
 
 

@@ -15,12 +15,15 @@ Stored beside the data set as ``statistics.npz`` (see `path_for`).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 
+from absl import logging
+import grain
 import numpy as np
+from tqdm.auto import tqdm
 
-log = logging.getLogger(__name__)
+from alexnet_jax.data import augment, pipeline
+
 
 FILENAME = 'statistics.npz'
 _SHIFT = 128.0
@@ -134,7 +137,6 @@ class _Square:
     self.size = size
 
   def __call__(self, item):
-    from alexnet_jax.data import augment  # pylint: disable=g-import-not-at-top
     return augment.rescale_center_square(item['image'], self.size)
 
 
@@ -142,11 +144,8 @@ def compute(source, size: int, *, progress: bool = True, workers: int = 0) -> St
   """One pass over a source (``{'image': uint8 (H, W, 3)}`` items), each image rescaled to the
   central size x size square as the pipeline does; decoding runs in ``workers`` grain processes,
   the sums in this one."""
-  import grain  # pylint: disable=g-import-not-at-top
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   ds = grain.MapDataset.source(source).map(_Square(size)).batch(32)
-  ds = pipeline._finish(ds, workers=workers, read_threads=4, prefetch_buffer=4)  # pylint: disable=protected-access
+  ds = pipeline.finish(ds, workers=workers, read_threads=4, prefetch_buffer=4)
   acc = Accumulator(size)
   with tqdm(total=len(source), desc='mean image and RGB PCA', unit='img',
             disable=not progress) as bar:
@@ -164,14 +163,14 @@ def ensure(source, size: int, *, progress: bool = True, workers: int = 0) -> Sta
     stats = load(path)
     if stats.size == size:
       return stats
-    log.warning('%s holds statistics of %dpx images, %dpx are needed: recomputing', path,
+    logging.warning('%s holds statistics of %dpx images, %dpx are needed: recomputing', path,
                 stats.size, size)
-  log.info('computing the mean image and RGB PCA of %s (one pass, stored in %s)',
+  logging.info('computing the mean image and RGB PCA of %s (one pass, stored in %s)',
            source.info.location, path)
   stats = compute(source, size, progress=progress, workers=workers)
   try:
     save(stats, path)
   except OSError as e:
-    log.warning('cannot store the statistics in %s (%s); they will be recomputed next time',
+    logging.warning('cannot store the statistics in %s (%s); they will be recomputed next time',
                 path, e)
   return stats

@@ -27,10 +27,13 @@ import dataclasses
 import jax
 from flax import nnx
 
+from alexnet_jax.errors import ConfigError
 from alexnet_jax.models import layers
+from alexnet_jax.models.contract import Classifier, ModelOutput
 from alexnet_jax.models.layers import LOCAL_TOWERS, TowerConv, TowerDense, TowerExchange
 
 PAPER_WIDTHS = dict(conv1=96, conv2=256, conv3=384, conv4=384, conv5=256, fc6=4096, fc7=4096)
+LAYERS = (*PAPER_WIDTHS, 'fc8')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,10 @@ class AlexNetSpec:
   init: str = 'paper'
   # "One weird trick": data-parallel convolutions, fc layers split into ``towers`` parts.
   hybrid: bool = False
+
+  @property
+  def splits_batch_over_towers(self) -> bool:
+    return self.hybrid
 
   def widths(self) -> dict[str, int]:
     """Layer widths scaled by ``width``, each a multiple of the tower count."""
@@ -69,18 +76,20 @@ class AlexNetSpec:
 
   def validate(self) -> None:
     if self.init not in ('paper', 'he'):
-      raise ValueError(f"model.init must be 'paper' or 'he', got {self.init!r}")
+      raise ConfigError(f"model.init must be 'paper' or 'he', got {self.init!r}")
     if self.towers < 1:
-      raise ValueError(f'model.towers must be at least 1, got {self.towers}')
+      raise ConfigError(f'model.towers must be at least 1, got {self.towers}')
     if self.num_classes % self.towers:
-      raise ValueError(f'model.num_classes={self.num_classes} must be divisible by model.towers='
+      raise ConfigError(f'model.num_classes={self.num_classes} must be divisible by model.towers='
                        f'{self.towers}: fc8 splits its outputs between the towers')
     if self.map_sizes()['pool5'] < 1:
-      raise ValueError(f'model.image_size={self.image_size} is too small for AlexNet: the smallest '
+      raise ConfigError(f'model.image_size={self.image_size} is too small for AlexNet: the smallest '
                        'input with a 1x1 pool5 is 67')
 
 
-class AlexNet(nnx.Module):
+class AlexNet(Classifier):
+  supports_deconv = True
+  layer_names = LAYERS
 
   def __init__(self, spec: AlexNetSpec, *, rngs: nnx.Rngs):
     spec.validate()
@@ -113,16 +122,9 @@ class AlexNet(nnx.Module):
 
   def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None,
                exchange: TowerExchange = LOCAL_TOWERS, gather_logits: bool = True,
-               capture: bool = False, deconv: bool = False):
-    """Class scores for a batch of normalised NHWC images.
-
-    Returns logits ``(batch, classes)``, or with ``gather_logits=False`` the towers' own slices
-    ``(local_towers, batch, classes // towers)`` (for a loss computed without gathering them).
-    With ``capture=True`` also returns a dict of every layer's output (tower-split, after ReLU),
-    which the summary and the visualisations read. ``deconv=True`` computes the same forward pass
-    with Zeiler & Fergus's deconvnet as its backward pass (``alexnet_jax.visualize.deconvnet``):
-    ReLUs rectify the signal coming down, and LRN passes it unchanged.
-    """
+               capture: bool = False, deconv: bool = False) -> ModelOutput:
+    """See ``Classifier.__call__``. With ``deconv=True`` ReLUs rectify the signal coming down and
+    LRN passes it unchanged (``alexnet_jax.visualize.deconvnet``)."""
     acts = {}
     keep = lambda name, x: acts.__setitem__(name, x) if capture else None
     relu = layers.relu_for(deconv)
@@ -161,6 +163,4 @@ class AlexNet(nnx.Module):
     with jax.named_scope('fc8'):
       x = self.fc8(x, exchange)
       keep('fc8', x)
-      if gather_logits:
-        x = exchange.gather(x)
-    return (x, acts) if capture else x
+    return self._output(x, (), acts, exchange=exchange, gather_logits=gather_logits)

@@ -17,12 +17,15 @@ reference Caffe model (bvlc_googlenet: variance 1/fan_in, biases 0.2), ``'he'`` 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from alexnet_jax.errors import ConfigError
 from alexnet_jax.models import layers
+from alexnet_jax.models.contract import Classifier, ModelOutput
 from alexnet_jax.models.layers import LOCAL_TOWERS, ONE_TOWER, TowerConv, TowerDense, TowerExchange
 
 # #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj (Table 1).
@@ -49,6 +52,9 @@ class GoogLeNetSpec:
   aux_dropout: float = 0.7
   init: str = 'xavier'
 
+  towers: ClassVar[int] = 1  # one dense tower
+  splits_batch_over_towers: ClassVar[bool] = False
+
   def scale(self, w: int) -> int:
     return layers.scaled_width(w, self.width)
 
@@ -63,11 +69,11 @@ class GoogLeNetSpec:
 
   def validate(self) -> None:
     if self.init not in ('xavier', 'he'):
-      raise ValueError(f"model.init must be 'xavier' or 'he', got {self.init!r}")
+      raise ConfigError(f"model.init must be 'xavier' or 'he', got {self.init!r}")
     if self.aux_heads and self.map_sizes()['stage4'] < 5:
       smallest = next(s for s in range(self.image_size, 1000)
                       if dataclasses.replace(self, image_size=s).map_sizes()['stage4'] >= 5)
-      raise ValueError(f'model.image_size={self.image_size} is too small for the auxiliary heads '
+      raise ConfigError(f'model.image_size={self.image_size} is too small for the auxiliary heads '
                        f'(their 5x5 average pool needs 4a maps of at least 5x5: an input of at '
                        f'least {smallest}); use a larger image or model.aux_heads=False')
 
@@ -122,7 +128,7 @@ class AuxHead(nnx.Module):
     return self.fc2(layers.dropout(x, self.rate, dropout_key), exchange)
 
 
-class GoogLeNet(nnx.Module):
+class GoogLeNet(Classifier):
 
   def __init__(self, spec: GoogLeNetSpec, *, rngs: nnx.Rngs):
     spec.validate()
@@ -142,13 +148,15 @@ class GoogLeNet(nnx.Module):
         setattr(self, f'aux{AUX_AFTER.index(name) + 1}',
                 AuxHead(cin, spec.map_sizes()['stage4'], spec, rngs))
     self.fc = _dense(cin, spec.num_classes, spec, rngs)
+    self.layer_names = ('conv1', 'conv2_reduce', 'conv2', *('inception' + n for n in INCEPTION),
+                        'fc')
 
   def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None,
                exchange: TowerExchange = LOCAL_TOWERS, gather_logits: bool = True,
-               capture: bool = False):
-    """Logits ``(batch, classes)`` (``(1, batch, classes)`` with ``gather_logits=False``). In
-    training with auxiliary heads: ``(logits, (aux1_logits, aux2_logits))``. With ``capture=True``
-    also every layer's output after ReLU (leading tower axis of 1)."""
+               capture: bool = False, deconv: bool = False) -> ModelOutput:
+    """See ``Classifier.__call__`` (one tower: a leading tower axis of 1). In training with
+    auxiliary heads ``aux_logits`` holds theirs (after 4a, 4d). No deconvnet yet."""
+    self._check_deconv(deconv)
     acts = {}
     keep = lambda name, x: acts.__setitem__(name, x) if capture else None
     relu = jax.nn.relu
@@ -174,7 +182,7 @@ class GoogLeNet(nnx.Module):
           x = ceil_pool(x)
         x = getattr(self, 'inception' + name)(x)
         keep('inception' + name, x)
-      if train and self.aux_loss_weight and name in AUX_AFTER:
+      if train and self.has_aux_heads and name in AUX_AFTER:
         i = AUX_AFTER.index(name) + 1
         with jax.named_scope(f'aux{i}'):
           aux.append(getattr(self, f'aux{i}')(x, exchange, keys[i]))
@@ -182,8 +190,4 @@ class GoogLeNet(nnx.Module):
       x = jnp.mean(x, axis=(-3, -2))
       x = self.fc(layers.dropout(x, self.spec.dropout if train else 0.0, keys[0]), exchange)
       keep('fc', x)
-    if gather_logits:
-      x = exchange.gather(x)
-      aux = [exchange.gather(a) for a in aux]
-    out = (x, tuple(aux)) if aux else x
-    return (out, acts) if capture else out
+    return self._output(x, aux, acts, exchange=exchange, gather_logits=gather_logits)

@@ -277,6 +277,13 @@ def _normal(rngs: nnx.Rngs, shape, std: float | None, fan_in: int) -> jax.Array:
   return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 
 
+def _tower_sharding(tower_axis: str | None, ndim: int) -> dict:
+  """Flax's sharding metadata of a parameter whose leading axis is the towers': the logical axis
+  name, which ``sharding`` maps onto the mesh. Never sharded on creation (``eager_sharding``):
+  models know no mesh."""
+  return dict(out_sharding=(tower_axis,) + (None,) * (ndim - 1), eager_sharding=False)
+
+
 class TowerConv(nnx.Module):
   """A convolution whose output maps are split into towers, each tower with its own kernel.
 
@@ -295,9 +302,9 @@ class TowerConv(nnx.Module):
     shape = (towers, kernel_size, kernel_size, in_per_tower, out_features // towers)
     # tower_axis=None: a one-tower layer whose parameters every device of the model axis holds.
     self.kernel = nnx.Param(_normal(rngs, shape, weight_std, fan_in=int(np.prod(shape[1:-1]))),
-                            logical_axes=(tower_axis, None, None, None, None))
+                            **_tower_sharding(tower_axis, 5))
     self.bias = nnx.Param(jnp.full((towers, out_features // towers), bias_init, jnp.float32),
-                          logical_axes=(tower_axis, None)) if use_bias else None
+                          **_tower_sharding(tower_axis, 2)) if use_bias else None
     self.reads, self.stride, self.padding = reads, stride, padding
 
   def __call__(self, x: jax.Array, exchange: TowerExchange = LOCAL_TOWERS) -> jax.Array:
@@ -333,9 +340,9 @@ class TowerDense(nnx.Module):
       raise ValueError(f'reads must be all or input, got {reads!r}')
     self.kernel = nnx.Param(_normal(rngs, (towers, out_features // towers, in_features), weight_std,
                                     fan_in=in_features),
-                            logical_axes=(tower_axis, None, None))
+                            **_tower_sharding(tower_axis, 3))
     self.bias = nnx.Param(jnp.full((towers, out_features // towers), bias_init, jnp.float32),
-                          logical_axes=(tower_axis, None))
+                          **_tower_sharding(tower_axis, 2))
     self.reads = reads
 
   def __call__(self, x: jax.Array, exchange: TowerExchange = LOCAL_TOWERS) -> jax.Array:

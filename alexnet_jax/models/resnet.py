@@ -16,12 +16,15 @@ convolutions, N(0, 0.01) for the fc, BN scale 1 and shift 0. No dropout.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from alexnet_jax.errors import ConfigError
 from alexnet_jax.models import layers
+from alexnet_jax.models.contract import Classifier, ModelOutput
 from alexnet_jax.models.layers import (
     LOCAL_TOWERS, ONE_TOWER, BatchNorm, TowerConv, TowerDense, TowerExchange)
 
@@ -40,15 +43,18 @@ class ResNetSpec:
   stride_on_3x3: bool = False
   bn_momentum: float = 0.9
 
+  towers: ClassVar[int] = 1  # one dense tower
+  splits_batch_over_towers: ClassVar[bool] = False
+
   def scale(self, w: int) -> int:
     return layers.scaled_width(w, self.width)
 
   def validate(self) -> None:
     if self.depth not in DEPTHS:
-      raise ValueError(f'unknown model.depth={self.depth} for ResNet; choose one of '
+      raise ConfigError(f'unknown model.depth={self.depth} for ResNet; choose one of '
                        f'{", ".join(map(str, DEPTHS))}')
     if self.image_size < 32:
-      raise ValueError(f'model.image_size={self.image_size} is too small for ResNet: its five '
+      raise ConfigError(f'model.image_size={self.image_size} is too small for ResNet: its five '
                        'halvings need at least 32')
 
 
@@ -87,7 +93,7 @@ class Block(nnx.Module):
     return jax.nn.relu(y + x)
 
 
-class ResNet(nnx.Module):
+class ResNet(Classifier):
 
   def __init__(self, spec: ResNetSpec, *, rngs: nnx.Rngs):
     spec.validate()
@@ -106,14 +112,17 @@ class ResNet(nnx.Module):
         names.append(name)
         cin = block.out_features
     self.block_names = tuple(names)
+    self.layer_names = ('conv1', *names, 'fc')
     self.fc = TowerDense(cin, spec.num_classes, **ONE_TOWER, weight_std=0.01, rngs=rngs)
 
   def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None,
                exchange: TowerExchange = LOCAL_TOWERS, gather_logits: bool = True,
-               capture: bool = False):
-    """Logits ``(batch, classes)`` (``(1, batch, classes)`` with ``gather_logits=False``); with
-    ``capture=True`` also the stem's and every block's output after ReLU (tower axis of 1)."""
-    del dropout_key  # no dropout in ResNet
+               capture: bool = False, deconv: bool = False) -> ModelOutput:
+    """See ``Classifier.__call__`` (one tower: a leading tower axis of 1); the activations are the
+    stem's and every block's output after ReLU. No dropout, no deconvnet (the paper defines none
+    through batch norm and residual sums)."""
+    del dropout_key
+    self._check_deconv(deconv)
     acts = {}
     with jax.named_scope('conv1'):
       x = jax.nn.relu(self.conv1_bn(self.conv1(images), train=train, exchange=exchange))
@@ -129,6 +138,4 @@ class ResNet(nnx.Module):
       x = self.fc(jnp.mean(x, axis=(-3, -2)), exchange)
       if capture:
         acts['fc'] = x
-    if gather_logits:
-      x = exchange.gather(x)
-    return (x, acts) if capture else x
+    return self._output(x, (), acts, exchange=exchange, gather_logits=gather_logits)

@@ -12,11 +12,14 @@ between each convolution and its ReLU (keeping the convolution's bias, as torchv
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 from flax import nnx
 
+from alexnet_jax.errors import ConfigError
 from alexnet_jax.models import layers
+from alexnet_jax.models.contract import Classifier, ModelOutput
 from alexnet_jax.models.layers import (
     LOCAL_TOWERS, ONE_TOWER, BatchNorm, TowerConv, TowerDense, TowerExchange)
 
@@ -43,6 +46,9 @@ class VGGSpec:
   weight_std: float = 0.01
   init: str = 'paper'   # 'paper': N(0, weight_std); 'glorot': Glorot normal; 'he': N(0, 2/fan_in)
 
+  towers: ClassVar[int] = 1  # one dense tower
+  splits_batch_over_towers: ClassVar[bool] = False
+
   def convs(self) -> list[tuple[str, int, int]]:
     """(name, kernel size, maps) of every convolution, in order."""
     scale = lambda w: layers.scaled_width(w, self.width)
@@ -52,20 +58,22 @@ class VGGSpec:
 
   def validate(self) -> None:
     if self.variant not in VARIANTS:
-      raise ValueError(f'unknown model.variant {self.variant!r} for VGG; choose one of '
+      raise ConfigError(f'unknown model.variant {self.variant!r} for VGG; choose one of '
                        f'{", ".join(VARIANTS)}')
     if self.init not in ('paper', 'glorot', 'he'):
-      raise ValueError(f"model.init must be 'paper', 'glorot' or 'he', got {self.init!r}")
+      raise ConfigError(f"model.init must be 'paper', 'glorot' or 'he', got {self.init!r}")
     if self.image_size < 32:
-      raise ValueError(f'model.image_size={self.image_size} is too small for VGG: five 2x2 '
+      raise ConfigError(f'model.image_size={self.image_size} is too small for VGG: five 2x2 '
                        'poolings need at least 32')
 
 
-class VGG(nnx.Module):
+class VGG(Classifier):
+  supports_deconv = True
 
   def __init__(self, spec: VGGSpec, *, rngs: nnx.Rngs):
     spec.validate()
     self.spec = spec
+    self.layer_names = (*(name for name, _, _ in spec.convs()), 'fc6', 'fc7', 'fc8')
 
     def std(fan_in, fan_out):
       return dict(paper=spec.weight_std, glorot=(2.0 / (fan_in + fan_out)) ** 0.5, he=None)[spec.init]
@@ -86,10 +94,9 @@ class VGG(nnx.Module):
 
   def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None,
                exchange: TowerExchange = LOCAL_TOWERS, gather_logits: bool = True,
-               capture: bool = False, deconv: bool = False):
-    """Logits ``(batch, classes)`` (``(1, batch, classes)`` with ``gather_logits=False``); with
-    ``capture=True`` also every layer's output after ReLU (leading tower axis of 1). ``deconv=True``:
-    the deconvnet as the backward pass (see ``AlexNet.__call__``)."""
+               capture: bool = False, deconv: bool = False) -> ModelOutput:
+    """See ``Classifier.__call__`` (one tower: a leading tower axis of 1); ``deconv`` as
+    ``AlexNet``'s."""
     acts = {}
     relu = layers.relu_for(deconv)
     x = images
@@ -116,6 +123,4 @@ class VGG(nnx.Module):
           x = layers.dropout(relu(x), rate, key)
         if capture:
           acts[name] = x
-    if gather_logits:
-      x = exchange.gather(x)
-    return (x, acts) if capture else x
+    return self._output(x, (), acts, exchange=exchange, gather_logits=gather_logits)

@@ -25,11 +25,14 @@ the steps, the summary and the visualisations treat ZFNet and AlexNet alike.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 from flax import nnx
 
+from alexnet_jax.errors import ConfigError
 from alexnet_jax.models import layers
+from alexnet_jax.models.contract import Classifier, ModelOutput
 from alexnet_jax.models.layers import LOCAL_TOWERS, ONE_TOWER, TowerConv, TowerDense, TowerExchange
 
 ABLATABLE = (3, 4, 6, 7)
@@ -50,6 +53,9 @@ class ZFNetSpec:
   dropout: float = 0.5
   weight_std: float = 0.01
   init: str = 'paper'   # 'paper': N(0, weight_std), biases 0; 'he': N(0, 2/fan_in), for small nets
+
+  towers: ClassVar[int] = 1  # one dense tower
+  splits_batch_over_towers: ClassVar[bool] = False
 
   def widths(self) -> dict[str, int]:
     scale = lambda w: layers.scaled_width(w, self.width)
@@ -74,27 +80,29 @@ class ZFNetSpec:
 
   def validate(self) -> None:
     if self.init not in ('paper', 'he'):
-      raise ValueError(f"model.init must be 'paper' or 'he', got {self.init!r}")
+      raise ConfigError(f"model.init must be 'paper' or 'he', got {self.init!r}")
     bad = set(self.remove) - set(ABLATABLE)
     if bad:
-      raise ValueError(f'model.remove={tuple(self.remove)}: only layers {ABLATABLE} can be removed '
+      raise ConfigError(f'model.remove={tuple(self.remove)}: only layers {ABLATABLE} can be removed '
                        '(the paper removes 3,4 / 7 / 6,7 / 3,4,6,7)')
     if len(self.conv_widths) != 3:
-      raise ValueError(f'model.conv_widths needs three widths (conv3, conv4, conv5), got '
+      raise ConfigError(f'model.conv_widths needs three widths (conv3, conv4, conv5), got '
                        f'{tuple(self.conv_widths)}')
     if self.map_sizes()['pool5'] < 1:
       smallest = next(s for s in range(self.image_size, 1000)
                       if dataclasses.replace(self, image_size=s).map_sizes()['pool5'] >= 1)
-      raise ValueError(f'model.image_size={self.image_size} is too small for ZFNet: the smallest '
+      raise ConfigError(f'model.image_size={self.image_size} is too small for ZFNet: the smallest '
                        f'input with a 1x1 pool5 is {smallest}')
 
 
-class ZFNet(nnx.Module):
+class ZFNet(Classifier):
+  supports_deconv = True
 
   def __init__(self, spec: ZFNetSpec, *, rngs: nnx.Rngs):
     spec = dataclasses.replace(spec, conv_widths=tuple(spec.conv_widths), remove=tuple(spec.remove))
     spec.validate()
     self.spec = spec
+    self.layer_names = tuple(spec.layer_names())
     w = spec.widths()
     std = spec.weight_std if spec.init == 'paper' else None
     names = spec.layer_names()
@@ -117,13 +125,12 @@ class ZFNet(nnx.Module):
 
   def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None,
                exchange: TowerExchange = LOCAL_TOWERS, gather_logits: bool = True,
-               capture: bool = False, deconv: bool = False):
-    """Logits ``(batch, classes)`` (``(1, batch, classes)`` with ``gather_logits=False``); with
-    ``capture=True`` also every layer's output after ReLU (leading tower axis of 1). ``deconv=True``:
-    the deconvnet as the backward pass (see ``AlexNet.__call__``)."""
+               capture: bool = False, deconv: bool = False) -> ModelOutput:
+    """See ``Classifier.__call__`` (one tower: a leading tower axis of 1); ``deconv`` as
+    ``AlexNet``'s."""
     acts = {}
     relu = layers.relu_for(deconv)
-    names = self.spec.layer_names()
+    names = self.layer_names
     fcs = [n for n in names if n.startswith('fc')]
     last_conv = names[len(names) - len(fcs) - 1]  # pooled and flattened into the fc layers
     keys = [None] * len(fcs)
@@ -147,6 +154,4 @@ class ZFNet(nnx.Module):
         elif name == last_conv:
           x = layers.max_pool(x)
           x = x.reshape(*x.shape[:2], -1)
-    if gather_logits:
-      x = exchange.gather(x)
-    return (x, acts) if capture else x
+    return self._output(x, (), acts, exchange=exchange, gather_logits=gather_logits)

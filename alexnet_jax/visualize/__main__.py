@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from alexnet_jax import cli
+from alexnet_jax import cli, distributed
+from alexnet_jax.visualize import commands
+from alexnet_jax.errors import ConfigError
 
 
 def _define_flags():
@@ -45,33 +47,28 @@ def parse_parts(text: str | None) -> dict | None:
     try:
       parts[name.strip()] = [[int(v) for v in box.split(',')] for box in boxes.split('/')]
     except ValueError:
-      raise ValueError(f'--parts: cannot read {item!r}; write name=top,left,height,width') from None
+      raise ConfigError(f'--parts: cannot read {item!r}; write name=top,left,height,width') from None
     if not name.strip() or any(len(b) != 4 for b in parts[name.strip()]):
-      raise ValueError(f'--parts: cannot read {item!r}; write name=top,left,height,width')
+      raise ConfigError(f'--parts: cannot read {item!r}; write name=top,left,height,width')
   return parts
 
 
 def main(argv):
-  from alexnet_jax.visualize.commands import ANALYSES  # pylint: disable=g-import-not-at-top
-  if len(argv) != 2 or argv[1] not in ANALYSES:
-    raise app.UsageError(f'name one analysis: {" | ".join(ANALYSES)}')
+  if len(argv) != 2 or argv[1] not in commands.ANALYSES:
+    raise app.UsageError(f'name one analysis: {" | ".join(commands.ANALYSES)}')
   f = flags.FLAGS
   config = cli.config_or_usage_error()
   if not f.checkpoint or not f.out:
     raise app.UsageError('--checkpoint=the training workdir and --out=a folder are required')
-  cli.apply_host_flags()
-  from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(config)
   cli.quiet_orbax_info()
-  from alexnet_jax.visualize import commands  # pylint: disable=g-import-not-at-top
-  with cli.user_errors_exit():
-    options = commands.Options(
-        images=f.images, num_images=f.num_images, layers=f.layers,
-        maps=[int(m) for m in f.maps] if f.maps else None, num_maps=f.num_maps, top=f.top,
-        step=f.step, epochs=[float(e) for e in f.epochs] if f.epochs else None,
-        occluder_size=f.occluder_size, occluder_stride=f.occluder_stride,
-        parts=parse_parts(f.parts), random_draws=f.random_draws, seed=f.seed)
-    written = commands.run(argv[1], config, f.checkpoint, options, f.out)
+  options = commands.Options(
+      images=f.images, num_images=f.num_images, layers=f.layers,
+      maps=[int(m) for m in f.maps] if f.maps else None, num_maps=f.num_maps, top=f.top,
+      step=f.step, epochs=[float(e) for e in f.epochs] if f.epochs else None,
+      occluder_size=f.occluder_size, occluder_stride=f.occluder_stride,
+      parts=parse_parts(f.parts), random_draws=f.random_draws, seed=f.seed)
+  written = commands.run(argv[1], config, f.checkpoint, options, f.out)
   for path in written:
     print(path)
   print(f'index: {f.out}/index.html', flush=True)
@@ -79,4 +76,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""The numbers behind Zeiler & Fergus's figures, computed for any network (``loading.Network``).
+"""The numbers behind Zeiler & Fergus's figures, computed for any network (``network.Network``).
 
 Every function returns plain numpy arrays (saved as ``.npz`` by the command line, drawn by
 ``render``). Images are uint8-valued ``(N, S, S, 3)`` arrays at the network's input size.
@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from alexnet_jax.errors import ConfigError
 from alexnet_jax.visualize import deconvnet
-from alexnet_jax.visualize.loading import Network
+from alexnet_jax.visualize.network import Network
 
 
 def spatial_layers(net: Network) -> list[str]:
@@ -37,7 +38,7 @@ def check_layers(net: Network, layers: list[str]) -> list[str]:
   known = all_layers(net)
   for layer in layers:
     if layer not in known:
-      raise ValueError(f'unknown layer {layer!r}; this network has {", ".join(known)}')
+      raise ConfigError(f'unknown layer {layer!r}; this network has {", ".join(known)}')
   return layers
 
 
@@ -47,10 +48,10 @@ def first_layer_filters(net: Network) -> np.ndarray:
   """``(maps, kh, kw, 3)``: the filters that read the image, towers concatenated."""
   first = next(iter(all_layers(net)))
   candidates = []
-  def visit(path, x):
-    if x.ndim >= 4 and x.shape[-2] == 3 and 'kernel' in jax.tree_util.keystr(path):
-      candidates.append((first not in jax.tree_util.keystr(path), jax.tree_util.keystr(path), x))
-  jax.tree_util.tree_map_with_path(visit, net.params)
+  for path, x in jax.tree.flatten_with_path(net.params)[0]:
+    name = jax.tree_util.keystr(path)
+    if x.ndim >= 4 and x.shape[-2] == 3 and 'kernel' in name:
+      candidates.append((first not in name, name, x))
   if not candidates:
     raise ValueError('found no convolution kernel reading 3 colour channels in the parameters')
   kernel = np.asarray(min(candidates, key=lambda c: c[:2])[2])
@@ -142,7 +143,7 @@ def choose_maps(net: Network, layers: list[str], count: int, seed: int,
     if maps:
       bad = [m for m in maps if not 0 <= m < width]
       if bad:
-        raise ValueError(f'layer {layer} has maps 0..{width - 1}; got {bad}')
+        raise ConfigError(f'layer {layer} has maps 0..{width - 1}; got {bad}')
       chosen[layer] = np.array(maps)
     else:
       rng = np.random.default_rng(seed + sum(map(ord, layer)))
@@ -202,7 +203,7 @@ def transform(image: np.ndarray, kind: str, value: float, fill) -> np.ndarray:
   elif kind == 'rotation':
     out = pil.rotate(value, resample=Image.BILINEAR, fillcolor=fill)
   else:
-    raise ValueError(f'unknown transform {kind!r}; choose from {", ".join(TRANSFORMS)}')
+    raise ConfigError(f'unknown transform {kind!r}; choose from {", ".join(TRANSFORMS)}')
   return np.asarray(out)
 
 
@@ -246,7 +247,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def occluder_positions(image_size: int, size: int, stride: int) -> np.ndarray:
   """Top-left corners ``(P, 2)`` of a ``size`` square slid with ``stride`` inside the image."""
   if not 0 < size <= image_size or stride <= 0:
-    raise ValueError(f'occluder size must be in 1..{image_size} and stride positive; got size '
+    raise ConfigError(f'occluder size must be in 1..{image_size} and stride positive; got size '
                      f'{size}, stride {stride}')
   starts = np.arange(0, image_size - size + 1, stride)
   return np.stack(np.meshgrid(starts, starts, indexing='ij'), -1).reshape(-1, 2)
@@ -336,11 +337,11 @@ def correspondence(net: Network, images: np.ndarray, parts: dict[str, np.ndarray
     if len(boxes) == 1:
       boxes = np.repeat(boxes, n, axis=0)
     if len(boxes) != n:
-      raise ValueError(f'part {name!r} has {len(boxes)} boxes for {n} images: give one box for all '
+      raise ConfigError(f'part {name!r} has {len(boxes)} boxes for {n} images: give one box for all '
                        'images or one per image')
     for t, l, h, w in boxes:
       if not (0 <= t and 0 <= l and h > 0 and w > 0 and t + h <= s and l + w <= s):
-        raise ValueError(f'part {name!r}: box top={t} left={l} height={h} width={w} does not fit a '
+        raise ConfigError(f'part {name!r}: box top={t} left={l} height={h} width={w} does not fit a '
                          f'{s}x{s} image')
     part = deltas(boxes)
     random = []

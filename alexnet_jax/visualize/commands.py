@@ -9,10 +9,15 @@ import dataclasses
 import json
 import os
 
+import matplotlib
 import numpy as np
+from matplotlib import patches
 
+from alexnet_jax.errors import ConfigError
 from alexnet_jax.visualize import analyses, render
-from alexnet_jax.visualize.loading import Images, Network, checkpoint_steps, load_images, load_network
+from alexnet_jax.visualize.checkpoints import checkpoint_steps, load_network
+from alexnet_jax.visualize.images import Images, load_images
+from alexnet_jax.visualize.network import CompiledFunctions, Network
 
 ANALYSES = ('filters', 'deconv', 'top9', 'evolution', 'invariance', 'occlusion', 'correspondence')
 
@@ -54,11 +59,11 @@ def _finish(out_dir, analysis, figures, data):
 
 def run(analysis: str, config, checkpoint: str, options: Options, out_dir: str) -> list[str]:
   if analysis not in ANALYSES:
-    raise ValueError(f'unknown analysis {analysis!r}; choose one of {", ".join(ANALYSES)}')
+    raise ConfigError(f'unknown analysis {analysis!r}; choose one of {", ".join(ANALYSES)}')
   os.makedirs(out_dir, exist_ok=True)
   if analysis == 'evolution':
     return run_evolution(config, checkpoint, options, out_dir)
-  net = load_network(config, checkpoint, options.step)
+  net = load_network(config, checkpoint, options.step, functions=CompiledFunctions())
   return globals()[f'run_{analysis}'](net, options, out_dir)
 
 
@@ -152,12 +157,13 @@ def run_top9(net: Network, options: Options, out_dir: str) -> list[str]:
 
 def run_evolution(config, checkpoint: str, options: Options, out_dir: str) -> list[str]:
   steps = checkpoint_steps(config, checkpoint)
-  nets = [load_network(config, checkpoint, s) for s in steps]
+  functions = CompiledFunctions()  # one compile per analysis serves every checkpoint
+  nets = [load_network(config, checkpoint, s, functions=functions) for s in steps]
   if options.epochs:
     wanted = set(float(e) for e in options.epochs)
     nets = [n for n in nets if n.epoch is not None and float(n.epoch) in wanted]
     if not nets:
-      raise ValueError(f'no checkpoint at epochs {sorted(wanted)}; train with '
+      raise ConfigError(f'no checkpoint at epochs {sorted(wanted)}; train with '
                        '--config.checkpoint.keep_epochs listing them')
   images = _images(config, options, 'evolution')
   first = nets[0]
@@ -205,9 +211,9 @@ def run_invariance(net: Network, options: Options, out_dir: str) -> list[str]:
   images = _images(net.config, options, 'invariance')
   layers = analyses.check_layers(net, options.layers or _default_invariance_layers(net))
   result = analyses.invariance(net, images.pixels, images.labels, layers)
-  plt = render.pyplot()
   cols = len(layers) + 1
-  fig, axes = plt.subplots(len(result), cols, figsize=(4 * cols, 3.2 * len(result)), squeeze=False)
+  fig, axes = render.subplots(len(result), cols, figsize=(4 * cols, 3.2 * len(result)),
+                              squeeze=False)
   for r, (kind, res) in enumerate(result.items()):
     x = res['values'] * (net.image_size if kind == 'translation' else 1)
     xlabel = dict(translation='vertical shift (pixels)', scale='scale', rotation='rotation (°)')[kind]
@@ -245,14 +251,13 @@ def run_occlusion(net: Network, options: Options, out_dir: str) -> list[str]:
   s = net.image_size
   size = options.occluder_size or max(1, s // 5)
   stride = options.occluder_stride or max(1, s // 56)
-  plt = render.pyplot()
   figures, arrays = [], {}
   for i, image in enumerate(images.pixels):
     label = None if images.labels is None else int(images.labels[i])
     res = analyses.occlusion(net, image, label, layer, size, stride)
     extent = (size / 2 - stride / 2, res['corners'][-1, 1] + size / 2 + stride / 2,
               res['corners'][-1, 0] + size / 2 + stride / 2, size / 2 - stride / 2)
-    fig, axes = plt.subplots(1, 5, figsize=(20, 4.4))
+    fig, axes = render.subplots(1, 5, figsize=(20, 4.4))
     shown = image.copy()
     shown[:size, :size] = np.asarray(net.config.input.mean_rgb, np.uint8)
     axes[0].imshow(shown)
@@ -269,10 +274,10 @@ def run_occlusion(net: Network, options: Options, out_dir: str) -> list[str]:
     classes = np.unique(res['predicted'])
     index = np.searchsorted(classes, res['predicted'])
     axes[4].imshow(image)
-    cmap = plt.get_cmap('tab20', max(len(classes), 2))
+    cmap = matplotlib.colormaps['tab20'].resampled(max(len(classes), 2))
     axes[4].imshow(index, cmap=cmap, vmin=-0.5, vmax=max(len(classes), 2) - 0.5, alpha=0.6,
                    extent=extent, interpolation='nearest')
-    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(j)) for j in range(len(classes))]
+    handles = [patches.Rectangle((0, 0), 1, 1, color=cmap(j)) for j in range(len(classes))]
     axes[4].legend(handles, [images.class_name(int(c)) for c in classes], fontsize=7,
                    loc='upper left', bbox_to_anchor=(1, 1))
     axes[4].set_title('most probable class')
@@ -311,8 +316,7 @@ def run_correspondence(net: Network, options: Options, out_dir: str) -> list[str
   with open(os.path.join(out_dir, 'correspondence.json'), 'w') as f:
     json.dump(dict(images=images.names, parts={k: np.asarray(v).tolist() for k, v in parts.items()},
                    table=table), f, indent=1)
-  plt = render.pyplot()
-  fig, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.5), squeeze=False)
+  fig, axes = render.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.5), squeeze=False)
   for ax, layer in zip(axes[0], layers):
     x = np.arange(len(table))
     ax.bar(x - 0.2, [row[layer]['part'] for row in table.values()], 0.4, label='part')
@@ -332,21 +336,3 @@ def run_correspondence(net: Network, options: Options, out_dir: str) -> list[str
 
 
 # --- during training ------------------------------------------------------------------------------
-
-def training_snapshot(net: Network, images: np.ndarray, out_dir: str, epoch: int,
-                      maps: int = 4) -> dict[str, np.ndarray]:
-  """The first-layer filters and the deconvnet projections of ``images``' strongest ``maps`` maps
-  of the last conv layer, written as ``filters_epochN.png`` / ``deconv_epochN.png``; returns the
-  pictures (for TensorBoard)."""
-  filters = analyses.first_layer_filters(net)
-  pictures = {'filters': render.square_grid(
-      [render.zoom_to(render.filter_image(f), 33) for f in filters], pad=2)}
-  layer = analyses.spatial_layers(net)[-1]
-  proj = analyses.strongest_maps(net, images, [layer], maps)[layer]
-  k = len(proj.maps) // len(images)
-  rows = [[images[i]] + [render.projection_image(p) for p in proj.projections[i * k:(i + 1) * k]]
-          for i in range(len(images))]
-  pictures[f'deconv_{layer}'] = render.grid([[render.zoom_to(t, 96) for t in row] for row in rows])
-  for name, picture in pictures.items():
-    render.save_png(os.path.join(out_dir, f'{name.split("_")[0]}_epoch{epoch}.png'), picture)
-  return pictures

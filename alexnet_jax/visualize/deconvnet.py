@@ -9,8 +9,8 @@ transposed filters, and biases drop out — except at the ReLUs, where the gradi
 forward activation and the deconvnet rectifies the signal instead. Models called with
 ``deconv=True`` use ReLUs with that backward pass (``models.layers.deconv_relu``) and pass the signal
 unchanged through their response / contrast normalisation, as the paper does; so the projection is
-``vjp(images ↦ layer activations)(one-hot at the chosen activation)``, for any conv net that takes
-the ``deconv`` argument, through both towers of the two-tower AlexNet.
+``vjp(images ↦ layer activations)(one-hot at the chosen activation)``, for any model that declares
+``supports_deconv`` (``models.contract``), through both towers of the two-tower AlexNet.
 
 Conventions: images are normalised NHWC float arrays (the model's input); layer activations are
 untowered, ``(batch, h, w, maps)`` for conv layers and ``(batch, maps)`` for dense ones, maps
@@ -27,35 +27,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alexnet_jax.errors import ConfigError
+
 # (params, images, deconv) → (logits, {layer: tower-split activation})
 Apply = Callable[[Any, jax.Array, bool], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-_APPLIES: dict = {}
-
-
 def make_apply(graphdef: nnx.GraphDef) -> Apply:
-  """The network's forward pass with every layer's activation, on one array (no mesh). One function
-  per graph definition, so that functions jitted around it are shared and compiled once."""
-  if graphdef not in _APPLIES:
-    _APPLIES[graphdef] = _make_apply(graphdef)
-  return _APPLIES[graphdef]
-
-
-def _make_apply(graphdef: nnx.GraphDef) -> Apply:
+  """The network's forward pass with every layer's activation, on one array (no mesh)."""
 
   def apply(params, images, deconv=False):
     model = nnx.merge(graphdef, params)
-    if not deconv:
-      return model(images, capture=True)
-    try:
-      return model(images, capture=True, deconv=True)
-    except TypeError as e:
-      if 'deconv' not in str(e):
-        raise
-      raise ValueError(f'{type(model).__name__} takes no deconv argument: deconvnet projections '
-                       'need a model whose ReLUs and normalisations follow models.layers.relu_for '
-                       'and normalize_for') from None
+    if deconv and not model.supports_deconv:
+      raise ConfigError(f'{type(model).__name__} has no deconvnet (its supports_deconv is False): '
+                        'projections need AlexNet, ZFNet or VGG')
+    out = model(images, capture=True, deconv=deconv)
+    return out.logits, out.activations
 
   return apply
 

@@ -7,6 +7,8 @@ import json
 import os
 
 import numpy as np
+from matplotlib import ticker
+from matplotlib.figure import Figure
 from PIL import Image
 
 MANIFEST = 'index.json'
@@ -76,17 +78,16 @@ def zoom_to(image: np.ndarray, min_side: int) -> np.ndarray:
   return upscale(image, max(1, -(-min_side // max(image.shape[:2]))))
 
 
-def pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
+def subplots(rows: int, cols: int, *, figsize, squeeze: bool = True):
+  """``(figure, axes)`` as ``pyplot.subplots`` gives them, without pyplot: a bare ``Figure``
+  renders with the Agg canvas when saved, and no backend or global figure list is involved."""
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots(rows, cols, squeeze=squeeze)
 
 
 def colorbar(fig, mappable, ax):
   """A colour bar whose ticks carry their whole values: matplotlib's default moves a common offset
   or exponent into a text above the bar, where it overlaps the axes' title."""
-  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   bar = fig.colorbar(mappable, ax=ax, fraction=0.046)
   plain = ticker.ScalarFormatter(useOffset=False)
   plain.set_scientific(False)
@@ -98,7 +99,6 @@ def colorbar(fig, mappable, ax):
 def save_figure(fig, path: str) -> str:
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   fig.savefig(path, dpi=100)
-  pyplot().close(fig)
   return path
 
 

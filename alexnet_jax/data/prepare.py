@@ -1,7 +1,5 @@
-"""Prepares a folder of labelled images once, the paper's way, for training.
-
-  python -m alexnet_jax.prepare --source=DIR --name=NAME [--val_fraction=F | --val_dir=DIR] \\
-      [--data_dir=D]
+"""Prepares a folder of labelled images once, the paper's way, for training (the command is
+``python -m alexnet_jax.tools.prepare``).
 
 ``DIR`` holds one subfolder per class (JPEG, PNG, ... of any size; the ImageNet train tarball
 unpacked is one). Every image is rescaled so its shorter side is 256 and its central 256 x 256
@@ -22,28 +20,25 @@ Robust and resumable:
 from __future__ import annotations
 
 import json
-import logging
 import math
 import multiprocessing
 import os
-import sys
 import warnings
 
+from absl import logging
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
+from tqdm.auto import tqdm
 
-from alexnet_jax.data import augment, sources, statistics
+from alexnet_jax.data import augment, builtin, catalog, records, sources, statistics
+from alexnet_jax.errors import PrepareError
 
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 REPORT = 'prepare_report.json'
 PLAN = 'prepare_plan.json'
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (about 0.25 GB of RGB pixels)
-
-
-class PrepareError(ValueError):
-  """Bad arguments or a source folder that cannot be prepared."""
 
 
 # ---------------------------------------------------------------------------
@@ -62,11 +57,11 @@ def process_file(task: tuple[str, int, int, int, int]):
       warnings.simplefilter('error', Image.DecompressionBombWarning)
       Image.MAX_IMAGE_PIXELS = max_pixels
       with Image.open(path) as img:
-        square = augment.square_of(sources.load_rgb(img, min_side=size), size)
-    record = sources.encode_record(np.asarray(square, np.uint8), label, 'jpeg',
+        square = augment.square_of(records.load_rgb(img, min_side=size), size)
+    record = records.encode_record(np.asarray(square, np.uint8), label, 'jpeg',
                                    jpeg_quality=quality)
     # The statistics are of what training will decode, not of the pixels before JPEG.
-    pixels, _ = sources.decode_record(record)
+    pixels, _ = records.decode_record(record)
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     return 'bad', f'refused, too many pixels (limit {max_pixels:,}): {e}'
   except Exception as e:  # pylint: disable=broad-except  (PIL raises a zoo of types)
@@ -159,7 +154,6 @@ def _stats_path(directory: str, shard: str) -> str:
 
 def _write_shard(directory: str, split: str, shard: dict, plan: dict, results, bar) -> dict:
   """Writes one shard from an iterator of `process_file` results; returns its completion record."""
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
   final = os.path.join(directory, shard['name'])
   tmp = final + '.tmp'
   acc = statistics.Accumulator(plan['image_size']) if split == 'train' else None
@@ -192,18 +186,20 @@ def prepare(source: str, name: str, *, data_dir: str | None = None,
             workers: int | None = None, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
             progress: bool = True) -> str:
   """Prepares ``source`` as ``{data_dir}/{name}``; returns that directory (see the module doc)."""
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  if not name or os.sep in name or name.startswith('.') or name == sources.BUILTIN_NAME:
-    raise PrepareError(f'--name={name!r}: give a plain folder name (not {sources.BUILTIN_NAME!r})')
-  data_dir = os.path.expanduser(data_dir or sources.default_data_dir())
+  if not name or os.sep in name or name.startswith('.') or name == builtin.NAME:
+    raise PrepareError(f'--name={name!r}: give a plain folder name (not {builtin.NAME!r})')
+  data_dir = os.path.expanduser(data_dir or catalog.default_data_dir())
   directory = os.path.join(data_dir, name)
   if os.path.isfile(os.path.join(directory, 'metadata.json')):
-    log.info('%s is already prepared', directory)
+    logging.info('%s is already prepared', directory)
     return directory
   plan = make_plan(source, name=name, val_fraction=val_fraction, val_dir=val_dir,
                    image_size=image_size, jpeg_quality=jpeg_quality,
                    examples_per_shard=examples_per_shard, seed=seed, max_pixels=max_pixels)
-  os.makedirs(directory, exist_ok=True)
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:  # a data_dir the user cannot write to
+    raise PrepareError(f'cannot create {directory}: {e}; choose a writable --data_dir') from None
   plan_path = os.path.join(directory, PLAN)
   if os.path.isfile(plan_path):
     with open(plan_path) as f:
@@ -211,7 +207,7 @@ def prepare(source: str, name: str, *, data_dir: str | None = None,
         raise PrepareError(
             f'{directory} holds an unfinished preparation of other files or options; run the '
             f'same command as before to resume it, or delete {directory} to start over')
-    log.info('resuming the preparation in %s', directory)
+    logging.info('resuming the preparation in %s', directory)
   elif os.listdir(directory):
     raise PrepareError(f'{directory} exists and is not a preparation in progress; choose another '
                        f'--name or --data_dir, or delete it')
@@ -278,7 +274,7 @@ def _finish(directory: str, plan: dict) -> str:
   meta = dict(name=plan['name'], format_version=FORMAT_VERSION,
               num_classes=len(plan['class_names']), class_names=plan['class_names'],
               image_size=plan['image_size'], codec='jpeg', jpeg_quality=plan['jpeg_quality'],
-              source=plan['source'], record_format='sources.encode_record', splits=splits)
+              source=plan['source'], record_format='records.encode_record', splits=splits)
   _write_json(os.path.join(directory, 'metadata.json'), meta)  # last: the set is complete
   for shards in plan['splits'].values():  # the resumption bookkeeping is no longer needed
     for shard in shards:
@@ -287,56 +283,3 @@ def _finish(directory: str, plan: dict) -> str:
           os.remove(path)
   os.remove(os.path.join(directory, PLAN))
   return directory
-
-
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-
-
-def main(argv):
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  f = flags.FLAGS
-  if not f.source or not f.name:
-    raise app.UsageError('--source and --name are required')
-  try:
-    directory = prepare(f.source, f.name, data_dir=f.data_dir, val_fraction=f.val_fraction,
-                        val_dir=f.val_dir, image_size=f.image_size, jpeg_quality=f.jpeg_quality,
-                        examples_per_shard=f.examples_per_shard, workers=f.workers, seed=f.seed,
-                        max_pixels=f.max_pixels)
-  except (PrepareError, sources.DatasetNotFoundError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  with open(os.path.join(directory, REPORT)) as fh:
-    report = json.load(fh)
-  counts = ', '.join(f'{k} {v:,}' for k, v in report['num_examples'].items())
-  print(f'prepared {directory}: {counts} images; {report["num_skipped"]} files skipped '
-        f'(listed in {os.path.join(directory, REPORT)})')
-  print(f'train with --config.dataset.name={f.name} '
-        f'--config.dataset.data_dir={os.path.dirname(directory)}')
-
-
-def _define_flags() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('source', None, 'Folder with one subfolder of images per class.')
-  flags.DEFINE_string('name', None, 'Name of the prepared set (as in --config.dataset.name).')
-  flags.DEFINE_string('data_dir', None, 'Where prepared sets live (default: TFDS\'s data dir).')
-  flags.DEFINE_float('val_fraction', None, 'Fraction of each class held out for validation '
-                     '(default 0.1 when no --val_dir).')
-  flags.DEFINE_string('val_dir', None, 'A separate folder of class subfolders for validation.')
-  flags.DEFINE_integer('image_size', 256, 'Side of the stored square images.')
-  flags.DEFINE_integer('jpeg_quality', 90, 'JPEG quality of the stored images.')
-  flags.DEFINE_integer('examples_per_shard', 1024, 'Images per ArrayRecord shard.')
-  flags.DEFINE_integer('workers', None, 'Decoding processes (default: all cores).')
-  flags.DEFINE_integer('seed', 0, 'Seed of the validation split.')
-  flags.DEFINE_integer('max_pixels', DEFAULT_MAX_PIXELS,
-                       'Refuse images with more pixels (decompression bombs).')
-
-
-if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  logging.basicConfig(level=logging.INFO)
-  _define_flags()
-  app.run(main)

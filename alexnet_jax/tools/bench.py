@@ -1,4 +1,4 @@
-"""Training throughput: ``python -m alexnet_jax.bench --config=configs/two_gpu.py [--batch_size=64]``.
+"""Training throughput: ``python -m alexnet_jax.tools.bench --config=configs/two_gpu.py [--batch_size=64]``.
 
 Measures, in one run and on the same synthetic batch:
   1. the framework's training step (``program.build_program``: shard_map over the configured mesh,
@@ -16,14 +16,19 @@ import importlib.util
 import json
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import flags
+from flax import nnx
 
-from alexnet_jax import cli, distributed
+from alexnet_jax import cli, distributed, models, program, sharding
+from alexnet_jax.steps import normalize
+from alexnet_jax.tools import bench_torch
 
 
 def _time_steps(step, state, batch, steps: int, warmup: int):
-  import jax  # pylint: disable=g-import-not-at-top
   for _ in range(warmup):
     state, out = step(state, batch)
   jax.block_until_ready(out)
@@ -34,14 +39,9 @@ def _time_steps(step, state, batch, steps: int, warmup: int):
   return state, (time.perf_counter() - start) / steps
 
 
-def bare_step(graphdef, config, dtype, batch_stats=None):
+def bare_step(graphdef, config, dtype, batch_stats=None, aux_loss_weight: float = 0.0):
   """The same network trained with nothing around ``jax.jit``: one device, full logits (batch norm
   normalises with the batch's moments; its running averages are not carried)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.steps import normalize  # pylint: disable=g-import-not-at-top
   lr, mu, wd = config.optim.learning_rate, config.optim.momentum, config.optim.weight_decay
 
   def step(state, batch):
@@ -51,10 +51,9 @@ def bare_step(graphdef, config, dtype, batch_stats=None):
     def loss_fn(p):
       model = nnx.merge(graphdef, p, batch_stats or {})
       out = model(images, train=True, dropout_key=key)
-      logits, aux = out if isinstance(out, tuple) else (out, ())  # GoogLeNet's auxiliary heads
       ce = lambda l: optax.softmax_cross_entropy_with_integer_labels(
           l.astype(jnp.float32), batch['label']).mean()
-      return ce(logits) + sum(getattr(model, 'aux_loss_weight', 0.0) * ce(a) for a in aux)
+      return ce(out.logits) + sum(aux_loss_weight * ce(a) for a in out.aux_logits)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     velocity = jax.tree.map(lambda v, g, w: mu * v - lr * (g + wd * w), velocity, grads, params)
@@ -69,9 +68,6 @@ def measure(config, *, batch_size: int, steps: int, warmup: int, repeats: int,
   """Images/s of the framework's step, the bare step and (``with_torch`` and torch installed)
   PyTorch eager, measured in alternating rounds (drift on a noisy machine hits all alike), the
   best round of each kept."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import program, sharding  # pylint: disable=g-import-not-at-top
   config.batch_size = batch_size
   prog = program.build_program(config, steps_per_epoch=100)
   size = config.model.image_size
@@ -87,10 +83,11 @@ def measure(config, *, batch_size: int, steps: int, warmup: int, repeats: int,
   flops *= prog.mesh.size  # cost_analysis counts one device's program
 
   dtype = program.COMPUTE_DTYPES[config.compute_dtype]
-  bare = bare_step(prog.graphdef, config, dtype, jax.device_get(state.batch_stats))
+  bare = bare_step(prog.graphdef, config, dtype, jax.device_get(state.batch_stats),
+                   prog.model.aux_loss_weight)
   device = prog.mesh.devices.flat[0]
   params = jax.device_put(jax.device_get(state.params), device)
-  bare_state = (params, jax.tree.map(jnp.zeros_like, params), jax.random.PRNGKey(0))
+  bare_state = (params, jax.tree.map(jnp.zeros_like, params), jax.random.key(0))
   bare_batch = jax.device_put(host_batch, device)
 
   trainer = _torch_trainer(config, batch_size) if with_torch else None
@@ -105,7 +102,7 @@ def measure(config, *, batch_size: int, steps: int, warmup: int, repeats: int,
     if trainer is not None:
       torch_s.append(trainer.time_steps(steps))
   result = dict(
-      model=config.model.name, towers=config.model.get('towers', 1), batch_size=batch_size,
+      model=config.model.name, towers=prog.spec.towers, batch_size=batch_size,
       image_size=size, dtype=config.compute_dtype, mesh=dict(prog.mesh.shape),
       device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
       framework_images_per_second=batch_size / min(framework_s),
@@ -125,9 +122,8 @@ def _torch_trainer(config, batch_size: int):
   """PyTorch eager on the same network and batch, or None without torch (the ``bench`` extra)."""
   if importlib.util.find_spec('torch') is None:
     return None
-  from alexnet_jax import bench_torch  # pylint: disable=g-import-not-at-top
   m = config.model
-  return bench_torch.TorchTrainer(towers=m.get('towers', 1), batch_size=batch_size,
+  return bench_torch.TorchTrainer(towers=models.spec_from_config(m).towers, batch_size=batch_size,
                                   image_size=m.image_size, num_classes=m.num_classes,
                                   width=m.width, dtype=config.compute_dtype)
 

@@ -1,7 +1,7 @@
 """Which layers make devices talk: the cross-device collectives of the compiled training step.
 
-    python -m alexnet_jax.comm_map --config=configs/two_gpu.py [--json]
-    python -m alexnet_jax.comm_map --config=configs/owt.py --compare   # three placements, 8 devices
+    python -m alexnet_jax.tools.comm_map --config=configs/two_gpu.py [--json]
+    python -m alexnet_jax.tools.comm_map --config=configs/owt.py --compare   # three placements, 8 devices
 
 Compiles the real training step for the configured mesh (``jax.jit(...).lower(...).compile()``, no
 data, no training) and lists every collective in the optimised HLO with the layer whose
@@ -17,11 +17,12 @@ import dataclasses
 import json
 import re
 
+import jax
 import numpy as np
-
 from absl import flags
+from flax import nnx
 
-from alexnet_jax import cli, distributed
+from alexnet_jax import cli, distributed, models, program, sharding
 
 
 KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'collective-permute', 'all-to-all')
@@ -85,8 +86,8 @@ def layer_scopes(config) -> tuple[str, ...]:
   """The named scopes a collective of ``config``'s training step can belong to: the model's
   layers in network order (each model runs every layer under ``jax.named_scope(name)``), then the
   step's own."""
-  from alexnet_jax import summary  # pylint: disable=g-import-not-at-top
-  return tuple(r['layer'] for r in summary.layer_table(config)['layers']) + STEP_SCOPES
+  model = nnx.eval_shape(lambda: models.create_model(config.model, nnx.Rngs(0)))
+  return model.layer_names + STEP_SCOPES
 
 
 def _layer_of(op_name: str, scopes) -> tuple[str, str]:
@@ -147,8 +148,6 @@ def summarize(colls: list[Collective], scopes=SCOPES) -> list[dict]:
 
 def compiled_train_step_hlo(config, compiler_options=None) -> tuple[str, dict[str, int]]:
   """The optimised HLO of the configured training step, and the mesh shape it was compiled for."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import program, sharding  # pylint: disable=g-import-not-at-top
   prog = program.build_program(config, steps_per_epoch=1)
   image = config.model.image_size
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,

@@ -1,4 +1,4 @@
-"""Input pipeline throughput: ``python -m alexnet_jax.bench_input --data=NAME --data_dir=DIR --workers=N``.
+"""Input pipeline throughput: ``python -m alexnet_jax.tools.bench_input --data=NAME --data_dir=DIR --workers=N``.
 
 Measures, in one run and interleaved (so drift on a noisy machine hits all alike), training
 images/s of:
@@ -15,19 +15,24 @@ real pipeline (device prefetch included) ÷ fed one fixed in-memory batch; 1.0 m
 never wait for the host.
 
 ``--make_folder=DIR --images=N`` writes an ImageNet-like folder (10 classes of JPEG crops of
-photos, 300-600 px sides) to benchmark with, then ``python -m alexnet_jax.prepare`` prepares it.
+photos, 300-600 px sides) to benchmark with, then ``python -m alexnet_jax.tools.prepare`` prepares
+it.
 Timing only — the figures never gate a test.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
 
+import jax
 import numpy as np
 from absl import app, flags
+from PIL import Image
 
-from alexnet_jax import cli
+from alexnet_jax import cli, configs, distributed, program
+from alexnet_jax.data import catalog, inputs, pipeline, sources
 
 
 # ---------------------------------------------------------------------------
@@ -37,8 +42,7 @@ from alexnet_jax import cli
 
 def make_folder(directory: str, images: int, *, classes: int = 10, seed: int = 0) -> None:
   """ImageNet-like JPEGs: random crops of photos, rescaled so sides are 300-600 px, quality 90."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from skimage import data  # pylint: disable=g-import-not-at-top
+  from skimage import data  # noqa: PLC0415  (optional: the test extra)
   photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
   rng = np.random.default_rng(seed)
   for c in range(classes):
@@ -76,7 +80,6 @@ def _time_iterator(make_iter, batch_size: int, batches: int, warmup: int) -> flo
 
 
 def grain_iterator(source, *, batch_size: int, crop: int, workers: int, seed: int = 0):
-  from alexnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return lambda: iter(pipeline.train_dataset(
       source, global_batch_size=batch_size, crop_size=crop, seed=seed, workers=workers,
       resize_to=256, pca_std=0.1))
@@ -87,7 +90,6 @@ class _PilFolder:
   PILToTensor, written out with PIL (for machines where torchvision cannot be imported)."""
 
   def __init__(self, root: str, crop: int):
-    from alexnet_jax.data import sources  # pylint: disable=g-import-not-at-top
     _, self.files = sources.list_class_folder(root)
     self.root, self.crop = root, crop
 
@@ -95,9 +97,7 @@ class _PilFolder:
     return len(self.files)
 
   def __getitem__(self, i):
-    import random  # pylint: disable=g-import-not-at-top
-    import torch  # pylint: disable=g-import-not-at-top
-    from PIL import Image  # pylint: disable=g-import-not-at-top
+    import torch  # noqa: PLC0415  (optional: the bench extra)
     path, label = self.files[i]
     with open(os.path.join(self.root, path), 'rb') as f:
       img = Image.open(f).convert('RGB')
@@ -116,9 +116,9 @@ class _PilFolder:
 
 def torch_iterator(folder: str, *, batch_size: int, crop: int, workers: int):
   """(make_iter, what) for torch's DataLoader over the folder."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # noqa: PLC0415  (optional: the bench extra)
   try:
-    from torchvision import datasets, transforms  # pylint: disable=g-import-not-at-top
+    from torchvision import datasets, transforms  # noqa: PLC0415  (optional dependency)
     dataset = datasets.ImageFolder(folder, transforms.Compose([
         transforms.Resize(256), transforms.CenterCrop(256), transforms.RandomCrop(crop),
         transforms.RandomHorizontalFlip(), transforms.PILToTensor()]))
@@ -144,13 +144,11 @@ def torch_iterator(folder: str, *, batch_size: int, crop: int, workers: int):
 def measure_pipelines(*, data: str | None, data_dir: str | None, folder: str | None,
                       workers: int, batch_size: int, crop: int, batches: int, warmup: int,
                       repeats: int, use_torch: bool) -> dict:
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.data import sources  # pylint: disable=g-import-not-at-top
   runs = {}
   if data:
-    cfg = ml_collections.ConfigDict(dict(name=data, data_dir=data_dir))
+    cfg = configs.dataset_config(name=data, data_dir=data_dir)
     runs['grain, prepared set'] = grain_iterator(
-        sources.open_source(cfg, 'train', min_side=256), batch_size=batch_size, crop=crop,
+        catalog.open_source(cfg, 'train', min_side=256), batch_size=batch_size, crop=crop,
         workers=workers)
   labels = {}
   if folder:
@@ -184,17 +182,11 @@ def measure_pipelines(*, data: str | None, data_dir: str | None, folder: str | N
 
 
 def measure_overlap(config, *, steps: int, warmup: int, repeats: int) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import program, train  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.data import sources  # pylint: disable=g-import-not-at-top
-  inp = config.input
-  resize_to = inp.get('resize_to')
-  source = sources.open_source(config.dataset, config.dataset.train_split, min_side=resize_to)
-  stats = train.input_statistics(config, source)
-  prog = program.build_program(config, steps_per_epoch=100, input_stats=stats)
+  data = inputs.open_inputs(config)
+  prog = program.build_program(config, steps_per_epoch=100, input_stats=data.stats)
 
   def make_iter():
-    return train.train_batches(config, source, prog.mesh)
+    return inputs.train_batches(config, data.train_source, prog.mesh)
 
   state = prog.init_state()
   it = make_iter()
@@ -223,7 +215,7 @@ def measure_overlap(config, *, steps: int, warmup: int, repeats: int) -> dict:
     real_ips = max(real_ips, ips)
   return dict(fixed_batch_images_per_second=fixed_ips, pipeline_images_per_second=real_ips,
               overlap=real_ips / fixed_ips, batch_size=config.batch_size,
-              workers=inp.workers, platform=jax.default_backend(), mesh=dict(prog.mesh.shape))
+              workers=config.input.workers, platform=jax.default_backend(), mesh=dict(prog.mesh.shape))
 
 
 # ---------------------------------------------------------------------------
@@ -238,10 +230,9 @@ def main(argv):
   if f.make_folder:
     make_folder(f.make_folder, f.images)
     print(f'wrote {f.images} JPEGs in 10 classes to {f.make_folder}; prepare them with '
-          f'python -m alexnet_jax.prepare --source={f.make_folder} --name=NAME')
+          f'python -m alexnet_jax.tools.prepare --source={f.make_folder} --name=NAME')
     return
   if f.overlap:
-    from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
     config = cli.config_or_usage_error()
     config.emulate_cpu_devices = max(config.emulate_cpu_devices,
                                      max(1, config.mesh.data) * config.mesh.model)

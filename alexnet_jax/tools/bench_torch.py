@@ -11,23 +11,26 @@ functions raise ``ImportError`` when they are called without torch.
 
 Usage::
 
-    python -m alexnet_jax.bench_torch --batch_size 64 --image_size 227 --towers 2
+    python -m alexnet_jax.tools.bench_torch --batch_size=64 --image_size=227 --towers=2
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 from typing import Any, Dict, Optional
+
+from absl import app, flags
+
+from alexnet_jax import cli
+from alexnet_jax.errors import ConfigError
 
 __all__ = [
     "TorchTrainer",
     "build_torch_alexnet",
     "count_parameters",
     "torch_train_images_per_second",
-    "main",
 ]
 
 # Memory format used for the conv activations/weights when the caller does not
@@ -51,10 +54,10 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 def _torch():
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401, PLC0415  (optional: the bench extra)
     except ImportError as e:  # pragma: no cover - exercised only without torch
         raise ImportError(
-            "alexnet_jax.bench_torch needs PyTorch; install the 'bench' extra "
+            "alexnet_jax.tools.bench_torch needs PyTorch; install the 'bench' extra "
             "(pip install 'alexnet_jax[bench]')."
         ) from e
     return torch
@@ -73,7 +76,7 @@ def _feature_size(image_size: int) -> int:
     s = (s - 3) // 2 + 1  # pool2 (conv3-5 are 'same')
     s = (s - 3) // 2 + 1  # pool5
     if s < 1:
-        raise ValueError(f"image_size={image_size} is too small for AlexNet")
+        raise ConfigError(f"image_size={image_size} is too small for AlexNet")
     return s
 
 
@@ -105,9 +108,9 @@ def build_torch_alexnet(
     nn = torch.nn
 
     if towers < 1:
-        raise ValueError(f"towers must be >= 1, got {towers}")
+        raise ConfigError(f"towers must be >= 1, got {towers}")
     if width <= 0:
-        raise ValueError(f"width must be > 0, got {width}")
+        raise ConfigError(f"width must be > 0, got {width}")
 
     c1, c2, c3, c4, c5 = (_scaled(c, width, towers) for c in (96, 256, 384, 384, 256))
     f6, f7 = (_scaled(f, width, towers) for f in (4096, 4096))
@@ -204,7 +207,7 @@ class TorchTrainer:
                  dtype: str = "float32", channels_last: Optional[bool] = None, seed: int = 0):
         torch = _torch()
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+            raise ConfigError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         self.channels_last = DEFAULT_CHANNELS_LAST if channels_last is None else channels_last
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         torch_dtype = getattr(torch, dtype)
@@ -235,7 +238,7 @@ class TorchTrainer:
         """Runs ``steps`` training steps; returns the mean seconds per step."""
         torch = _torch()
         if steps < 1:
-            raise ValueError("need steps >= 1")
+            raise ConfigError("need steps >= 1")
         old_threads = torch.get_num_threads()
         if self.threads is not None:
             torch.set_num_threads(int(self.threads))
@@ -273,7 +276,7 @@ def torch_train_images_per_second(
     """
     torch = _torch()
     if steps < 1 or warmup < 0:
-        raise ValueError("need steps >= 1 and warmup >= 0")
+        raise ConfigError("need steps >= 1 and warmup >= 0")
     trainer = TorchTrainer(towers=towers, batch_size=batch_size, image_size=image_size,
                            num_classes=num_classes, width=width, threads=threads, dtype=dtype,
                            channels_last=channels_last, seed=seed)
@@ -294,56 +297,52 @@ def torch_train_images_per_second(
     }
 
 
-def main(argv=None) -> Dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        prog="python -m alexnet_jax.bench_torch",
-        description="PyTorch-eager AlexNet training throughput (CPU baseline).",
-    )
-    parser.add_argument("--towers", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--image_size", type=int, default=227)
-    parser.add_argument("--num_classes", type=int, default=1000)
-    parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32")
-    parser.add_argument(
-        "--channels_last",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="memory format; 'auto' uses the measured-faster default",
-    )
-    parser.add_argument("--json", action="store_true", help="print the result dict as JSON")
-    args = parser.parse_args(argv)
-
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
     result = torch_train_images_per_second(
-        towers=args.towers,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        num_classes=args.num_classes,
-        width=args.width,
-        steps=args.steps,
-        warmup=args.warmup,
-        threads=args.threads,
-        dtype=args.dtype,
-        channels_last={"auto": None, "on": True, "off": False}[args.channels_last],
+        towers=f.towers,
+        batch_size=f.batch_size,
+        image_size=f.image_size,
+        num_classes=f.num_classes,
+        width=f.width,
+        steps=f.steps,
+        warmup=f.warmup,
+        threads=f.threads,
+        dtype=f.dtype,
+        channels_last={"auto": None, "on": True, "off": False}[f.channels_last],
     )
-    if args.json:
+    if f.json:
         print(json.dumps(result))
     else:
         fmt = "channels_last" if result["channels_last"] else "NCHW"
         print(
-            f"torch {result['torch_version']} eager, towers={args.towers}, "
-            f"batch={args.batch_size}, {args.image_size}x{args.image_size}, "
-            f"{args.dtype}, {fmt}, threads={result['threads']}: "
+            f"torch {result['torch_version']} eager, towers={f.towers}, "
+            f"batch={f.batch_size}, {f.image_size}x{f.image_size}, "
+            f"{f.dtype}, {fmt}, threads={result['threads']}: "
             f"{result['images_per_second']:.2f} images/s "
             f"({result['seconds_per_step']:.3f} s/step, loss {result['loss']:.4f})"
         )
     if not math.isfinite(result["loss"]):
         raise SystemExit("non-finite loss")
-    return result
+
+
+def _define_flags() -> None:
+    flags.DEFINE_integer("towers", 2, "AlexNet towers (1: the dense network).")
+    flags.DEFINE_integer("batch_size", 64, "Training batch.")
+    flags.DEFINE_integer("image_size", 227, "Input side.")
+    flags.DEFINE_integer("num_classes", 1000, "Classes.")
+    flags.DEFINE_float("width", 1.0, "Width multiplier of every layer.")
+    flags.DEFINE_integer("steps", 10, "Timed steps.")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps first.")
+    flags.DEFINE_integer("threads", None, "torch threads (default: torch's).")
+    flags.DEFINE_enum("dtype", "float32", _DTYPES, "Compute dtype.")
+    flags.DEFINE_enum("channels_last", "auto", ("auto", "on", "off"),
+                      "Memory format; 'auto' uses the measured-faster default.")
+    flags.DEFINE_bool("json", False, "Print the result as JSON.")
 
 
 if __name__ == "__main__":
-    main()
+    _define_flags()
+    cli.run(main)
