@@ -14,11 +14,10 @@ import dataclasses
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
-
-import grain
 
 from alexnet_jax.errors import CheckpointError
 
@@ -39,14 +38,14 @@ def _state_dict(state) -> dict:
   return d
 
 
-def make_manager(directory: str, checkpoint_cfg, steps_per_epoch: int | None = None
-                 ) -> ocp.CheckpointManager:
+def make_manager(directory: str, checkpoint_cfg,
+                 steps_per_epoch: int | None = None) -> ocp.CheckpointManager:
   """``steps_per_epoch``: converts ``checkpoint_cfg.keep_epochs`` to the steps kept for good."""
   policies = [ocp.checkpoint_managers.LatestN(n=int(checkpoint_cfg.keep))]
   if checkpoint_cfg.keep_best:
-    policies.append(ocp.checkpoint_managers.BestN(
-        get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
-        keep_checkpoints_without_metrics=False))
+    policies.append(
+        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
+                                      keep_checkpoints_without_metrics=False))
   keep_steps = []
   if steps_per_epoch:
     keep_steps = [int(e * steps_per_epoch) for e in checkpoint_cfg.keep_epochs]
@@ -54,8 +53,7 @@ def make_manager(directory: str, checkpoint_cfg, steps_per_epoch: int | None = N
     policies.append(ocp.checkpoint_managers.CustomSteps(steps=sorted(set(keep_steps))))
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-      enable_async_checkpointing=bool(checkpoint_cfg.async_save),
-      create=True)
+      enable_async_checkpointing=bool(checkpoint_cfg.async_save), create=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=('state', 'data', 'meta'))
 
@@ -68,7 +66,8 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, meta: 
   manager.save(step, args=ocp.args.Composite(**args), metrics=metrics)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator) -> Restored | None:
+def restore_latest(manager: ocp.CheckpointManager, abstract_state,
+                   data_iterator) -> Restored | None:
   """The newest checkpoint, restored onto ``abstract_state``'s shardings, with the iterator's
   position set; ``None`` when the directory has none."""
   step = manager.latest_step()

@@ -28,8 +28,9 @@ def define_tool_flags(json_help: str = 'Print JSON instead of a table.') -> None
 
 def define_huge_pages_flag() -> None:
   """``--huge_pages`` for the programs that run training steps (``alexnet_jax.host``)."""
-  flags.DEFINE_bool('huge_pages', True, 'Restart once with glibc\'s transparent-huge-pages '
-                    'tunable when it is not set (faster CPU steps; see alexnet_jax/host.py).')
+  flags.DEFINE_bool(
+      'huge_pages', True, "Restart once with glibc's transparent-huge-pages "
+      'tunable when it is not set (faster CPU steps; see alexnet_jax/host.py).')
 
 
 def apply_host_flags() -> None:

@@ -42,8 +42,9 @@ def huge_pages_supported(thp_mode_file: str = _THP_MODE) -> bool:
 
 
 def has_huge_pages_tunable(environ) -> bool:
-  return any(t.split('=')[0] == 'glibc.malloc.hugetlb'
-             for t in environ.get('GLIBC_TUNABLES', '').split(':'))
+  return any(
+      t.split('=')[0] == 'glibc.malloc.hugetlb'
+      for t in environ.get('GLIBC_TUNABLES', '').split(':'))
 
 
 def environ_with_huge_pages(environ) -> dict[str, str]:
@@ -59,8 +60,9 @@ def reexec_with_huge_pages() -> None:
   it is already set or the system cannot use it. Call it before the program writes anything."""
   if has_huge_pages_tunable(os.environ) or not huge_pages_supported():
     return
-  logging.info('restarting with GLIBC_TUNABLES=%s (transparent huge pages for large buffers; '
-               '--nohuge_pages to run without)', HUGE_PAGES_TUNABLE)
+  logging.info(
+      'restarting with GLIBC_TUNABLES=%s (transparent huge pages for large buffers; '
+      '--nohuge_pages to run without)', HUGE_PAGES_TUNABLE)
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, sys.orig_argv, environ_with_huge_pages(os.environ))

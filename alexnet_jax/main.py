@@ -38,8 +38,9 @@ def main(argv):
   distributed.initialize(config)
   cli.quiet_orbax_info()  # a line per checkpoint saved would drown the training log
   final = train.train_and_evaluate(config, _WORKDIR.value, hooks=epoch_hooks(config))
-  print(f'final validation: top-1 error {100 * final["top1_error"]:.2f}%, '
-        f'top-5 error {100 * final["top5_error"]:.2f}%', flush=True)
+  print(
+      f'final validation: top-1 error {100 * final["top1_error"]:.2f}%, '
+      f'top-5 error {100 * final["top5_error"]:.2f}%', flush=True)
 
 
 if __name__ == '__main__':

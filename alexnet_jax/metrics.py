@@ -1,4 +1,4 @@
-"""Where metrics go: a JSONL file and TensorBoard event files in the workdir, and a PNG at the end."""
+"""Where metrics go: a JSONL file and TensorBoard event files in the workdir, a PNG at the end."""
 
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def plot_training_curves(workdir: str) -> str | None:
   if not os.path.exists(path):
     return None
   rows = read_jsonl(path)
-  series = lambda split, key: np.array([(r['epoch'], r[key]) for r in rows
+  series = lambda split, key: np.array([(r['epoch'], r[key])
+                                        for r in rows
                                         if r['split'] == split and key in r and 'epoch' in r])
   fig = Figure(figsize=(15, 4))  # no pyplot: renders with Agg when saved, no global state
   axes = fig.subplots(1, 3)

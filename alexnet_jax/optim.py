@@ -33,7 +33,9 @@ def learning_rate_schedule(optim_cfg, steps_per_epoch: int, num_epochs: float) -
   if kind == 'plateau':
     schedule = optax.constant_schedule(base)
   elif kind == 'step':
-    boundaries = {int(e * steps_per_epoch): float(optim_cfg.step_factor) for e in optim_cfg.step_epochs}
+    boundaries = {
+        int(e * steps_per_epoch): float(optim_cfg.step_factor) for e in optim_cfg.step_epochs
+    }
     schedule = optax.piecewise_constant_schedule(base, boundaries)
   elif kind == 'cosine':
     schedule = optax.cosine_decay_schedule(base, max(1, total - warmup))
@@ -45,9 +47,11 @@ def learning_rate_schedule(optim_cfg, steps_per_epoch: int, num_epochs: float) -
 
 
 def _decay_mask(decay_biases: bool):
+
   def mask(params):
     return jax.tree.map_with_path(
         lambda path, _: decay_biases or getattr(path[-1], 'key', None) != 'bias', params)
+
   return mask
 
 
@@ -76,7 +80,8 @@ def clip_filter_rms(max_rms: float = 0.1) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def make_optimizer(optim_cfg, steps_per_epoch: int, num_epochs: float) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg, steps_per_epoch: int,
+                   num_epochs: float) -> optax.GradientTransformation:
   """optax chain of the paper's update with an injected, checkpointed learning rate."""
 
   max_rms = float(optim_cfg.filter_rms_clip)
@@ -89,9 +94,9 @@ def make_optimizer(optim_cfg, steps_per_epoch: int, num_epochs: float) -> optax.
         *([clip_filter_rms(max_rms)] if max_rms > 0 else []),
     )
 
-  return optax.inject_hyperparams(paper_sgd)(
-      learning_rate=learning_rate_schedule(optim_cfg, steps_per_epoch, num_epochs),
-      lr_scale=1.0, momentum=float(optim_cfg.momentum), weight_decay=float(optim_cfg.weight_decay))
+  return optax.inject_hyperparams(paper_sgd)(learning_rate=learning_rate_schedule(
+      optim_cfg, steps_per_epoch, num_epochs), lr_scale=1.0, momentum=float(optim_cfg.momentum),
+                                             weight_decay=float(optim_cfg.weight_decay))
 
 
 def current_learning_rate(opt_state) -> jax.Array:
@@ -132,7 +137,7 @@ class PlateauController:
 
   @property
   def scale(self) -> float:
-    return self.factor ** self.drops
+    return self.factor**self.drops
 
   def state_dict(self) -> dict[str, Any]:
     return dict(best=self.best, bad_evals=self.bad_evals, drops=self.drops)

@@ -29,16 +29,16 @@ COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 class Program:
   config: Any
   mesh: jax.sharding.Mesh
-  spec: models.Spec                 # the model's hyper-parameters
-  model: models.Classifier          # abstract (shapes only): the capabilities it declares
+  spec: models.Spec  # the model's hyper-parameters
+  model: models.Classifier  # abstract (shapes only): the capabilities it declares
   graphdef: nnx.GraphDef
   tx: optax.GradientTransformation
-  state_specs: TrainState           # PartitionSpecs
-  state_shardings: TrainState       # NamedShardings
-  abstract_state: TrainState        # ShapeDtypeStructs carrying the shardings (for restoring)
+  state_specs: TrainState  # PartitionSpecs
+  state_shardings: TrainState  # NamedShardings
+  abstract_state: TrainState  # ShapeDtypeStructs carrying the shardings (for restoring)
   init_state: Callable[[], TrainState]
-  train_step: Callable              # jitted, donates the state
-  eval_step: Callable               # jitted
+  train_step: Callable  # jitted, donates the state
+  eval_step: Callable  # jitted
 
   @property
   def param_count(self) -> int:
@@ -102,7 +102,7 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
   check_batch(config, mesh)
   if config.compute_dtype not in COMPUTE_DTYPES:
     raise ConfigError(f'unknown compute_dtype {config.compute_dtype!r}; '
-                     f'choose one of {", ".join(COMPUTE_DTYPES)}')
+                      f'choose one of {", ".join(COMPUTE_DTYPES)}')
   dtype = COMPUTE_DTYPES[config.compute_dtype]
   tx = optim.make_optimizer(config.optim, steps_per_epoch, config.num_epochs)
 
@@ -133,14 +133,12 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
   batch_specs = P(sharding.DATA)
   train = sharding.shard_step(
       steps.make_train_step(graphdef, tx, ctx, aux_loss_weight=abstract_model.aux_loss_weight,
-                            **norm),
-      mesh, in_specs=(state_specs, batch_specs), out_specs=(state_specs, P()))
+                            **norm), mesh, in_specs=(state_specs, batch_specs),
+      out_specs=(state_specs, P()))
   evaluate = sharding.shard_step(steps.make_eval_step(graphdef, ctx, **norm), mesh,
                                  in_specs=(param_specs, stats_specs, batch_specs), out_specs=P())
-  return Program(
-      config=config, mesh=mesh, spec=models.spec_from_config(config.model), model=abstract_model, graphdef=graphdef, tx=tx, state_specs=state_specs,
-      state_shardings=state_shardings, abstract_state=abstract_state,
-      init_state=jax.jit(init_fn, out_shardings=state_shardings),
-      train_step=jax.jit(train, donate_argnums=0),
-      eval_step=jax.jit(evaluate))
-
+  return Program(config=config, mesh=mesh, spec=models.spec_from_config(config.model),
+                 model=abstract_model, graphdef=graphdef, tx=tx, state_specs=state_specs,
+                 state_shardings=state_shardings, abstract_state=abstract_state,
+                 init_state=jax.jit(init_fn, out_shardings=state_shardings),
+                 train_step=jax.jit(train, donate_argnums=0), eval_step=jax.jit(evaluate))

@@ -1,17 +1,18 @@
 """Where things live: the device mesh, parameter placement, and the collectives between devices.
 
-The mesh has two axes. ``data`` splits the batch; ``model`` carries AlexNet's towers (the paper's two
-GPUs). Parameters declare logical axes in flax's sharding metadata (``out_sharding=('tower', ...)``);
-``LOGICAL_RULES`` maps them onto mesh axes.
-The training and evaluation steps run as one ``jax.shard_map`` program per device, so every
-cross-device transfer is one that this module's ``MeshContext`` performs explicitly:
+The mesh has two axes. ``data`` splits the batch; ``model`` carries AlexNet's towers (the paper's
+two GPUs). Parameters declare logical axes in flax's sharding metadata (``out_sharding=('tower',
+...)``); ``LOGICAL_RULES`` maps them onto mesh axes. The training and evaluation steps run as one
+``jax.shard_map`` program per device, so every cross-device transfer is one that this module's
+``MeshContext`` performs explicitly:
 
-* ``gather`` — the towers' maps, all-gathered over ``model`` (conv3, fc6, fc7, fc8 only; the backward
-  pass is its reduce-scatter);
+* ``gather`` — the towers' maps, all-gathered over ``model`` (conv3, fc6, fc7, fc8 only;
+  the backward pass is its reduce-scatter);
 * ``own_examples`` / ``all_examples`` — the hybrid AlexNet's switch from data to model parallelism:
   each model-axis device convolves its share of the batch, and the shares are all-gathered before
   fc6 (backward: reduce-scattered);
-* ``tower_sum`` / ``tower_max`` — the softmax denominator of logits split over the towers (the loss);
+* ``tower_sum`` / ``tower_max`` — the softmax denominator of logits split over the towers
+  (the loss);
 * ``data_mean`` — batch norm's per-device moments averaged over ``data`` (global-batch statistics);
 * ``data_sum`` — metrics summed over ``data``; parameter gradients are summed over ``data`` by the
   transpose of the replication of parameters into the per-device program.
@@ -26,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from alexnet_jax.errors import MeshError
 
@@ -72,7 +74,7 @@ def check_batch(global_batch: int, mesh: jax.sharding.Mesh, what: str = 'batch_s
                     f'multiple of {data} or change mesh.data')
   both = data * mesh.shape[MODEL]
   if split_over_model and global_batch % both:
-    raise MeshError(f'{what}={global_batch}: the hybrid model splits every data shard\'s examples '
+    raise MeshError(f"{what}={global_batch}: the hybrid model splits every data shard's examples "
                     f'over the {mesh.shape[MODEL]} devices of the model axis; use a multiple of '
                     f'mesh.data x mesh.model = {both}')
   if global_batch % jax.process_count():
@@ -99,7 +101,9 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """This host's slice of the global batch → global arrays sharded over ``data``."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +113,7 @@ class MeshContext:
   model_axis: str = MODEL
 
   def gather(self, x: jax.Array) -> jax.Array:
-    """``(local_towers, *dims, c)`` → ``(*dims, towers * c)``, gathering the other devices' towers."""
+    """``(local_towers, *dims, c)`` → ``(*dims, towers * c)``: the other devices' towers too."""
     # Gathered along a new leading axis, each device's maps arrive as one contiguous block; the
     # concatenation along the channels is then a local copy. Gathering straight into the channel
     # axis made XLA's CPU backend lay the maps out channel-major around the collective: transposed

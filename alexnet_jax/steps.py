@@ -19,8 +19,8 @@ from alexnet_jax.sharding import MeshContext
 
 @struct.dataclass
 class TrainState:
-  step: jax.Array          # int32 scalar: optimiser updates done
-  params: Any              # pure dict of arrays
+  step: jax.Array  # int32 scalar: optimiser updates done
+  params: Any  # pure dict of arrays
   opt_state: Any
   # The key's raw uint32 data (portable in checkpoints); the step wraps it into a typed key and
   # folds the step number and the device into it for dropout.
@@ -126,8 +126,8 @@ def _normalize_batch(batch, norm: dict, dtype, *, train: bool) -> jax.Array:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ctx: MeshContext, *,
-                    mean_rgb, std_rgb, compute_dtype=jnp.float32, mean_image=None,
-                    pca_basis=None, aux_loss_weight: float = 0.0) -> Callable:
+                    mean_rgb, std_rgb, compute_dtype=jnp.float32, mean_image=None, pca_basis=None,
+                    aux_loss_weight: float = 0.0) -> Callable:
   """``(state, batch) → (state, metrics)`` for one device's share of the batch.
 
   ``mean_image`` / ``pca_basis`` switch on the paper's mean-image subtraction and PCA colour
@@ -157,18 +157,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ct
 
     # Parameters are replicated over the data axis, so the gradient of this device's share of the
     # mean loss arrives already summed over the data axis (the transpose of that replication).
-    (objective, (loss, rank, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (objective, (loss, rank, batch_stats)), grads = jax.value_and_grad(loss_fn,
+                                                                       has_aux=True)(state.params)
     with jax.named_scope('optimizer'):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
     with jax.named_scope('metrics'):
       hp = state.opt_state.hyperparams
-      metrics = ctx.data_sum(dict(
-          loss=loss, top1_error=jnp.sum(rank >= 1) / global_batch,
-          top5_error=jnp.sum(rank >= 5) / global_batch))
+      metrics = ctx.data_sum(
+          dict(loss=loss, top1_error=jnp.sum(rank >= 1) / global_batch,
+               top5_error=jnp.sum(rank >= 5) / global_batch))
       if aux_loss_weight > 0:
-        metrics['objective'] = ctx.data_sum(objective)  # the loss plus the weighted auxiliary losses
+        metrics['objective'] = ctx.data_sum(
+            objective)  # the loss plus the weighted auxiliary losses
       metrics['learning_rate'] = hp['learning_rate'] * hp['lr_scale']
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               batch_stats=batch_stats)
@@ -202,8 +203,8 @@ def make_eval_step(graphdef: nnx.GraphDef, ctx: MeshContext, *, mean_rgb, std_rg
     else:
       ce, rank = tower_split_cross_entropy(logits, batch['label'], ctx)
     with jax.named_scope('metrics'):
-      return ctx.data_sum(dict(
-          loss=jnp.sum(ce * mask), top1_errors=jnp.sum((rank >= 1) * mask),
-          top5_errors=jnp.sum((rank >= 5) * mask), count=jnp.sum(mask)))
+      return ctx.data_sum(
+          dict(loss=jnp.sum(ce * mask), top1_errors=jnp.sum((rank >= 1) * mask),
+               top5_errors=jnp.sum((rank >= 5) * mask), count=jnp.sum(mask)))
 
   return eval_step

@@ -15,9 +15,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from alexnet_jax import checkpointing, configs, metrics as metrics_lib, optim, program as program_lib
-from alexnet_jax import sharding
-from alexnet_jax.data import inputs as inputs_lib, pipeline
+from alexnet_jax import checkpointing, configs, optim, sharding
+from alexnet_jax import metrics as metrics_lib
+from alexnet_jax import program as program_lib
+from alexnet_jax.data import inputs as inputs_lib
+from alexnet_jax.data import pipeline
 
 
 def evaluate(prog: program_lib.Program, state, eval_ds) -> dict[str, float]:
@@ -67,8 +69,8 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Hook] = ()) -> dict
   total_steps = int(config.num_epochs * steps_per_epoch)
   prog = program_lib.build_program(config, steps_per_epoch=steps_per_epoch, mesh=mesh,
                                    input_stats=data.stats)
-  logging.info('mesh %s, %s parameters, %d steps per epoch, %d steps',
-               dict(mesh.shape), f'{prog.param_count:,}', steps_per_epoch, total_steps)
+  logging.info('mesh %s, %s parameters, %d steps per epoch, %d steps', dict(mesh.shape),
+               f'{prog.param_count:,}', steps_per_epoch, total_steps)
 
   eval_ds = inputs_lib.eval_batches(config, data.eval_source)  # iterated afresh at every evaluation
   train_iter = inputs_lib.train_batches(config, data.train_source, mesh)
@@ -77,9 +79,10 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Hook] = ()) -> dict
   manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), config.checkpoint,
                                        steps_per_epoch)
   keep_epochs = set(config.checkpoint.keep_epochs)
-  plateau = optim.PlateauController(
-      factor=config.optim.plateau_factor, patience=config.optim.plateau_patience,
-      threshold=config.optim.plateau_threshold, max_drops=config.optim.max_drops)
+  plateau = optim.PlateauController(factor=config.optim.plateau_factor,
+                                    patience=config.optim.plateau_patience,
+                                    threshold=config.optim.plateau_threshold,
+                                    max_drops=config.optim.max_drops)
   restored = checkpointing.restore_latest(manager, prog.abstract_state, train_iter)
   if restored is None:
     state = prog.init_state()
@@ -110,10 +113,11 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Hook] = ()) -> dict
       images_per_s = (step - window_step) * config.batch_size / (now - window_start)
       train_metrics['images_per_second'] = images_per_s
       eta = (total_steps - step) * (now - run_start) / max(step - run_start_step, 1)
-      logging.info('step %d/%d  epoch %.2f  loss %.4f  top-1 err %.4f  top-5 err %.4f  lr %.3g  '
-                   '%.1f img/s  ETA %s', step, total_steps, epoch, train_metrics['loss'],
-                   train_metrics['top1_error'], train_metrics['top5_error'],
-                   train_metrics['learning_rate'], images_per_s, _hms(eta))
+      logging.info(
+          'step %d/%d  epoch %.2f  loss %.4f  top-1 err %.4f  top-5 err %.4f  lr %.3g  '
+          '%.1f img/s  ETA %s', step, total_steps, epoch, train_metrics['loss'],
+          train_metrics['top1_error'], train_metrics['top5_error'], train_metrics['learning_rate'],
+          images_per_s, _hms(eta))
       writer.write(step, 'train', dict(epoch=epoch, **train_metrics))
       window_start, window_step = time.perf_counter(), step
     if step % steps_per_epoch == 0:
@@ -125,14 +129,14 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Hook] = ()) -> dict
                      epoch_done, val['loss'], val['top1_error'], val['top5_error'])
         writer.write(step, 'val', dict(epoch=epoch_done, **val))
         if config.optim.schedule == 'plateau' and plateau.update(val['top1_error']):
-          logging.info('validation error stopped improving: learning rate x %.3g',
-                       plateau.scale)
+          logging.info('validation error stopped improving: learning rate x %.3g', plateau.scale)
           state = state.replace(opt_state=optim.with_lr_scale(state.opt_state, plateau.scale))
       for hook in hooks:
-        hook(EpochEnd(config=config, workdir=workdir, epoch=epoch_done, step=step, program=prog,
-                      state=state, inputs=data, writer=writer))
-      if (epoch_done % config.checkpoint.every_epochs == 0 or epoch_done in keep_epochs or last
-          or manager.reached_preemption(step)):
+        hook(
+            EpochEnd(config=config, workdir=workdir, epoch=epoch_done, step=step, program=prog,
+                     state=state, inputs=data, writer=writer))
+      if (epoch_done % config.checkpoint.every_epochs == 0 or epoch_done in keep_epochs or last or
+          manager.reached_preemption(step)):
         metrics = {checkpointing.BEST_METRIC: val['top1_error']} if val else None
         checkpointing.save(manager, step, state, train_iter, meta(epoch_done), metrics=metrics)
       window_start = time.perf_counter()  # evaluation and saving are not training throughput

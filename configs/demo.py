@@ -17,11 +17,17 @@ def get_config():
   c.dataset.update(name='builtin_shapes', num_train=10000, num_val=2000, image_size=112)
   # Quick settings: the built-in 112px images as they are, per-channel normalisation, no colour
   # shifts, centre-crop evaluation (the paper's recipe is the base config's).
-  c.input.update(mean_rgb=(127.5,) * 3, std_rgb=(64.0,) * 3, workers=1, resize_to=None,
-                 mean_image=False, pca_lighting_std=0.0, eval_views='center',
-                 # The emulated devices are this CPU's cores: the input worker takes only the
-                 # cycles the training steps leave idle, so it does not slow them down.
-                 worker_priority='idle')
+  c.input.update(
+      mean_rgb=(127.5,) * 3,
+      std_rgb=(64.0,) * 3,
+      workers=1,
+      resize_to=None,
+      mean_image=False,
+      pca_lighting_std=0.0,
+      eval_views='center',
+      # The emulated devices are this CPU's cores: the input worker takes only the
+      # cycles the training steps leave idle, so it does not slow them down.
+      worker_priority='idle')
   c.batch_size = 128
   c.eval_batch_size = 500
   c.num_epochs = 12

@@ -6,7 +6,8 @@ up to conv5 and the neurons from fc6 on. The convolutions are the dense one-towe
 
   python -m alexnet_jax.main --config=configs/owt.py --workdir=runs/alexnet_owt \
       --config.dataset.data_dir=/path/to/tensorflow_datasets
-  python -m alexnet_jax.tools.comm_map --config=configs/owt.py --compare  # bytes vs data / tower parallel
+  # bytes per step against data and tower parallelism:
+  python -m alexnet_jax.tools.comm_map --config=configs/owt.py --compare
 
 More devices: --config.mesh.model=N --config.model.towers=N (N divides 1000 and 4096), and a data
 axis on top (--config.mesh.data=D) for a hybrid per group of N devices.

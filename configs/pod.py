@@ -13,7 +13,7 @@ from alexnet_jax.configs import base_config
 def get_config():
   c = base_config()
   c.mesh.data, c.mesh.model = -1, 2
-  c.batch_size = 128 * 8          # 8 data shards; set to 128 x (devices / 2)
+  c.batch_size = 128 * 8  # 8 data shards; set to 128 x (devices / 2)
   c.optim.learning_rate = 0.01 * 8
   c.optim.warmup_epochs = 2
   return c

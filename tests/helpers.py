@@ -15,8 +15,8 @@ def tiny_config(**mesh):
   c.eval_batch_size = 16
   # The small built-in images as they are, unit-variance inputs, centre-crop evaluation (the
   # paper's input recipe is tested in test_augment.py).
-  c.input.update(std_rgb=IMAGENET_STD_RGB, resize_to=None, mean_image=False,
-                 pca_lighting_std=0.0, eval_views='center')
+  c.input.update(std_rgb=IMAGENET_STD_RGB, resize_to=None, mean_image=False, pca_lighting_std=0.0,
+                 eval_views='center')
   return c
 
 

@@ -11,7 +11,17 @@ from flax import nnx
 from skimage import data
 
 from alexnet_jax import checkpointing, program, sharding, steps, train
-from alexnet_jax.data import augment, builtin, catalog, inputs, pipeline, records, sources, statistics
+from alexnet_jax.data import (
+    augment,
+    builtin,
+    catalog,
+    inputs,
+    pipeline,
+    records,
+    sources,
+    statistics,
+)
+
 from helpers import GRADIENT_STEP, ListSource, gradient_image, tiny_config
 
 TINY = dict(num_train=48, num_val=20, image_size=72, seed=0)
@@ -42,8 +52,9 @@ def _window_of(image, crop_size):
 def test_train_windows_match_their_crop_record(random_crop, flip):
   size, crop = 20, 14
   src = ListSource([(gradient_image(size, size), 0)] * 16)
-  it = iter(pipeline.train_dataset(src, global_batch_size=16, crop_size=crop, seed=1,
-                                   random_crop=random_crop, flip=flip))
+  it = iter(
+      pipeline.train_dataset(src, global_batch_size=16, crop_size=crop, seed=1,
+                             random_crop=random_crop, flip=flip))
   windows = []
   for _ in range(4):
     batch = next(it)
@@ -74,7 +85,8 @@ def test_ten_views_are_corners_centre_and_reflections():
   expected = [(t, l, f) for f in (False, True) for t, l in expected]
   got = [_window_of(v, crop) for v in b['image'][0]]
   assert got == expected
-  assert [tuple(int(x) for x in r) for r in b['crop'][0]] == [(t, l, int(f)) for t, l, f in expected]
+  assert [tuple(int(x) for x in r) for r in b['crop'][0]] == [(t, l, int(f)) for t, l, f in expected
+                                                             ]
   with pytest.raises(ValueError, match='eval views'):
     pipeline.eval_dataset(src, global_batch_size=4, crop_size=crop, views='twelve')
 
@@ -129,8 +141,8 @@ def test_normalize_subtracts_the_matching_mean_window_and_shifts_colours():
   # The shift's size: |α_i| · sqrt(λ_i) along each principal axis, i.e. about 10 % of the
   # colour spread for α ~ N(0, 0.1).
   shift = augment.pca_shift(alpha[0], eigvals, eigvecs)
-  np.testing.assert_allclose(np.abs(eigvecs.T @ shift), np.abs(alpha[0]) * np.sqrt(eigvals),
-                             rtol=1e-5)
+  np.testing.assert_allclose(np.abs(eigvecs.T @ shift),
+                             np.abs(alpha[0]) * np.sqrt(eigvals), rtol=1e-5)
   # Without crop records, the central window.
   centre = steps.normalize(jnp.asarray(images), None, std, jnp.float32,
                            mean_image=jnp.asarray(mean_image))
@@ -146,9 +158,9 @@ def view_program():
   c.model.init = 'he'  # the input, not the unit biases, decides the (untrained) predictions
   rng = np.random.default_rng(1)
   side = 72
-  stats = statistics.Statistics(
-      mean_image=rng.uniform(60, 200, (side, side, 3)).astype(np.float32),
-      rgb_mean=np.zeros(3), rgb_cov=np.eye(3), eigvals=np.ones(3), eigvecs=np.eye(3), num_images=1)
+  stats = statistics.Statistics(mean_image=rng.uniform(60, 200, (side, side, 3)).astype(np.float32),
+                                rgb_mean=np.zeros(3), rgb_cov=np.eye(3), eigvals=np.ones(3),
+                                eigvecs=np.eye(3), num_images=1)
   prog = program.build_program(c, steps_per_epoch=10, input_stats=stats)
   return c, prog, stats
 
@@ -157,22 +169,25 @@ def test_ten_view_evaluation_is_the_average_of_single_view_predictions(view_prog
   c, prog, stats = view_program
   size, crop = 72, c.model.image_size
   rng = np.random.default_rng(2)
-  source = ListSource([(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), i % 10)
-                       for i in range(6)])
-  host = next(iter(pipeline.eval_dataset(source, global_batch_size=8, crop_size=crop,
-                                         views='ten')))
+  source = ListSource([
+      (rng.integers(0, 256, (size, size, 3), dtype=np.uint8), i % 10) for i in range(6)
+  ])
+  host = next(iter(pipeline.eval_dataset(source, global_batch_size=8, crop_size=crop, views='ten')))
   state = prog.init_state()
   params = state.params
-  out = jax.device_get(prog.eval_step(params, state.batch_stats, sharding.put_batch(host, prog.mesh)))
+  out = jax.device_get(
+      prog.eval_step(params, state.batch_stats, sharding.put_batch(host, prog.mesh)))
 
   # Reference: each view alone through the plain model on one device (full logits), then the
   # softmax averaged in NumPy.
   device_params = jax.device_put(jax.device_get(params), jax.devices()[0])
   predict = jax.jit(lambda p, x: jax.nn.softmax(nnx.merge(prog.graphdef, p)(x, train=False).logits))
+
   def single_view(images, crops):
-    x = steps.normalize(images, None, c.input.std_rgb, jnp.float32,
-                        mean_image=stats.mean_image, crop=crops)
+    x = steps.normalize(images, None, c.input.std_rgb, jnp.float32, mean_image=stats.mean_image,
+                        crop=crops)
     return np.asarray(predict(device_params, x))
+
   probs = np.mean([single_view(host['image'][:, v], host['crop'][:, v]) for v in range(10)],
                   axis=0)  # (8, 10)
   labels, mask = host['label'], host['mask']
@@ -218,7 +233,8 @@ def test_same_seed_same_batches_and_mid_epoch_resume(tiny_dir, tmp_path):
   for e in expected[:4]:
     _same(e, next(first))
   state = steps.TrainState(step=jnp.int32(4), params={'w': jnp.ones(3)},
-                           opt_state={'m': jnp.zeros(3)}, rng=jax.random.key_data(jax.random.key(0)))
+                           opt_state={'m': jnp.zeros(3)},
+                           rng=jax.random.key_data(jax.random.key(0)))
   cfg = tiny_config().checkpoint
   cfg.async_save = False
   manager = checkpointing.make_manager(str(tmp_path / 'ckpt'), cfg)

@@ -46,7 +46,7 @@ def test_model_defaults_come_from_the_spec():
 def test_unknown_fields_are_refused():
   config = configs.base_config()
   config.optim.lerning_rate = 0.1
-  with pytest.raises(ConfigError, match="config.optim.lerning_rate is not a config field"):
+  with pytest.raises(ConfigError, match='config.optim.lerning_rate is not a config field'):
     configs.check_fields(config)
   config = configs.base_config()
   config.model.dropuot = 0.1
@@ -72,16 +72,16 @@ def test_lrn_acts_at_initialisation_under_the_papers_config():
   factor; on unit-variance inputs (dividing by the ImageNet standard deviation) by ~1e-5."""
   config = _load('two_gpu')
   # The network's own conv1 at initialisation (jit drops the other layers' unused parameters).
-  conv1_relu = jax.jit(lambda x: jax.nn.relu(
-      models.create_model(config.model, nnx.Rngs(config.seed)).conv1(x)))
-  photos = np.stack([centre_square(getattr(skimage.data, n)(), 227)
-                     for n in ('chelsea', 'astronaut', 'coffee')])
+  conv1_relu = jax.jit(
+      lambda x: jax.nn.relu(models.create_model(config.model, nnx.Rngs(config.seed)).conv1(x)))
+  photos = np.stack(
+      [centre_square(getattr(skimage.data, n)(), 227) for n in ('chelsea', 'astronaut', 'coffee')])
   mean_image = program.input_constants(config)['mean_image']  # the mean colour, before training
 
   def damping(std_rgb):
     x = steps.normalize(photos, config.input.mean_rgb, std_rgb, jnp.float32, mean_image=mean_image)
     a = conv1_relu(x)
-    return float(1 - jnp.sum(layers.local_response_norm(a)) / jnp.sum(a * 2.0 ** -0.75))
+    return float(1 - jnp.sum(layers.local_response_norm(a)) / jnp.sum(a * 2.0**-0.75))
 
   paper = damping(config.input.std_rgb)
   unit_variance = damping(configs.IMAGENET_STD_RGB)

@@ -4,13 +4,14 @@ from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import ml_collections
+import numpy as np
 import pytest
 from flax import nnx
 
 from alexnet_jax.models import create_model, layers
 from alexnet_jax.visualize import checkpoints, deconvnet
+
 from helpers import tiny_config
 
 
@@ -23,10 +24,12 @@ def net():
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
   rng = np.random.default_rng(1)
+
   def randomise(path, x):
     if path[-1].key == 'bias':
       return np.float32(0.1) * rng.standard_normal(x.shape, np.float32)
     return rng.standard_normal(x.shape, np.float32) / np.float32(np.sqrt(np.prod(x.shape[1:-1])))
+
   params = jax.tree.map_with_path(randomise, params)
   images = rng.standard_normal((3, 67, 67, 3), np.float32)
   apply = deconvnet.make_apply(graphdef)
@@ -44,6 +47,7 @@ def fields(net):
 
 
 # --- The deconvnet's steps, written out in NumPy --------------------------------------------------
+
 
 def conv_transpose(g, kernel, stride, pad, in_size):
   """Filtering with the transposed filters: every output's signal spread back over its window."""
@@ -75,19 +79,19 @@ def numpy_projection(params, acts, example, layer, mp, row, col):
   """Layer conv2 or conv3 of the two-tower AlexNet projected by hand, tower by tower. The switches
   come from the forward pass (pool1 and pool2 read the LRN of the captured conv1 / conv2)."""
   k = {name: np.asarray(p['kernel'], np.float64) for name, p in params.items()}
-  a = {name: np.asarray(v[:, example], np.float64) for name, v in acts.items()}   # (towers, h, w, c)
+  a = {name: np.asarray(v[:, example], np.float64) for name, v in acts.items()}  # (towers, h, w, c)
   lrn = lambda x: np.asarray(jax.jit(layers.local_response_norm)(np.float32(x)), np.float64)
   towers, per_tower = a[layer].shape[0], a[layer].shape[-1]
   tower, channel = divmod(mp, per_tower)
   top = np.zeros(a[layer].shape[1:])
-  top[row, col, channel] = a[layer][tower, row, col, channel]   # all other activations zeroed
-  if layer == 'conv2':   # own tower: only its tower's pool1 maps receive a signal
+  top[row, col, channel] = a[layer][tower, row, col, channel]  # all other activations zeroed
+  if layer == 'conv2':  # own tower: only its tower's pool1 maps receive a signal
     into_pool1 = {tower: conv_transpose(top, k['conv2'][tower], 1, 2, 7)}
-  else:                  # conv3 reads both towers: its transposed filters reach both towers' maps
+  else:  # conv3 reads both towers: its transposed filters reach both towers' maps
     into_pool2 = np.split(conv_transpose(top, k['conv3'][tower], 1, 1, 3), towers, axis=-1)
     into_pool1 = {}
     for t in range(towers):
-      g = rectify(unpool(into_pool2[t], lrn(a['conv2'][t])))   # LRN passes the signal unchanged
+      g = rectify(unpool(into_pool2[t], lrn(a['conv2'][t])))  # LRN passes the signal unchanged
       into_pool1[t] = conv_transpose(g, k['conv2'][t], 1, 2, 7)
   image = 0
   for t, g in into_pool1.items():
@@ -102,7 +106,7 @@ def test_projection_equals_unpool_rectify_transposed_filters(net, layer):
   _, acts = apply(params, images, False)
   per_tower = acts[layer].shape[-1]
   maps, positions, expected = [], [], []
-  for n, tower in [(0, 0), (1, 1), (2, 0), (2, 1)]:   # maps of both towers
+  for n, tower in [(0, 0), (1, 1), (2, 0), (2, 1)]:  # maps of both towers
     for channel in range(per_tower):  # the first map whose projection is not rectified away
       act = np.asarray(acts[layer][tower, n, ..., channel])
       row, col = np.unravel_index(np.argmax(act), act.shape)
@@ -114,7 +118,7 @@ def test_projection_equals_unpool_rectify_transposed_filters(net, layer):
     expected.append(e)
   examples = jnp.array([0, 1, 2, 2])
   proj, pos, values = project(apply, params, images[examples], layer, jnp.array(maps))
-  np.testing.assert_array_equal(pos, positions)   # the strongest activation of each map
+  np.testing.assert_array_equal(pos, positions)  # the strongest activation of each map
   for n, e in enumerate(expected):
     assert np.abs(e).max() > 0, 'every map is dead: the test would test nothing'
     np.testing.assert_allclose(np.asarray(proj[n]), e, rtol=1e-4, atol=1e-5 * np.abs(e).max())
@@ -136,9 +140,11 @@ def test_deconvnet_rectifies_where_the_gradient_masks(net):
   _, apply, params, images = net
   maps = jnp.array([0, 3, 5])
   proj, pos, _ = project(apply, params, images, 'conv3', maps)
+
   def chosen(x):
     act = deconvnet.untower(apply(params, x, False)[1]['conv3'])
     return act[jnp.arange(3), pos[:, 0], pos[:, 1], maps]
+
   grad = jax.jit(jax.grad(lambda x: jnp.sum(chosen(x) * jax.lax.stop_gradient(chosen(x)))))(images)
   assert not np.allclose(proj, grad, atol=1e-6)
 
@@ -168,7 +174,7 @@ def test_receptive_fields_match_the_geometry(fields):
 def test_projection_lies_inside_the_receptive_field(net, fields, layer):
   _, apply, params, images = net
   field = fields[layer]
-  width = 8   # the first maps' strongest activations in every example
+  width = 8  # the first maps' strongest activations in every example
   maps = jnp.tile(jnp.arange(width), 3)
   proj, pos, _ = project(apply, params, jnp.repeat(images, width, axis=0), layer, maps)
   reach = []
@@ -199,7 +205,8 @@ def test_zoo_networks_project_through_the_deconvnet(model):
   config.mesh.model = 1
   graphdef, params, batch_stats = nnx.split(create_model(config.model, nnx.Rngs(0)), nnx.Param,
                                             nnx.BatchStat)
-  state = SimpleNamespace(params=nnx.to_pure_dict(params), batch_stats=nnx.to_pure_dict(batch_stats))
+  state = SimpleNamespace(params=nnx.to_pure_dict(params),
+                          batch_stats=nnx.to_pure_dict(batch_stats))
   if model['name'] == 'vgg':  # running statistics that differ from the fresh ones
     state.batch_stats = jax.tree.map(lambda v: v * 0.5, state.batch_stats)
   net = checkpoints.network_from_state(config, graphdef, state)

@@ -40,12 +40,13 @@ def test_main_restarts_once_with_the_tunable_and_the_same_arguments(tmp_path, hu
   # error must still name what the user typed (the arguments survived the restart).
   env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
   env.update(XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  proc = subprocess.run(
-      [sys.executable, '-m', 'alexnet_jax.main', '--config=configs/demo.py',
-       f'--workdir={tmp_path / "run"}', '--config.model.name=alexnett',
-       f'--huge_pages={str(huge_pages).lower()}'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run([
+      sys.executable, '-m', 'alexnet_jax.main', '--config=configs/demo.py',
+      f'--workdir={tmp_path / "run"}', '--config.model.name=alexnett',
+      f'--huge_pages={str(huge_pages).lower()}'
+  ], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
-  assert proc.stderr.count('restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1') == int(huge_pages)
+  assert proc.stderr.count('restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1') == int(
+      huge_pages)
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
   assert len(errors) == 1 and "unknown model 'alexnett'" in errors[0], proc.stderr[-2000:]

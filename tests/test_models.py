@@ -9,8 +9,8 @@ from flax import nnx
 from alexnet_jax.errors import ConfigError, UnknownModelError
 from alexnet_jax.models import create_model, layers
 from alexnet_jax.models.alexnet import AlexNet, AlexNetSpec
-from helpers import PAPER_NEURONS
 
+from helpers import PAPER_NEURONS
 
 
 def _abstract(spec: AlexNetSpec):
@@ -34,7 +34,8 @@ def test_neurons_and_maps_at_227(towers):
   assert logits.shape == (3, 1000)
   neurons = {k: int(np.prod(v.shape[2:])) * v.shape[0] for k, v in acts.items()}
   assert neurons == PAPER_NEURONS
-  assert [acts[k].shape[2] for k in ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')] == [55, 27, 13, 13, 13]
+  assert [acts[k].shape[2] for k in ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')
+         ] == [55, 27, 13, 13, 13]
   assert AlexNetSpec().map_sizes()['pool5'] == 6
   assert 227 * 227 * 3 == 154_587
 
@@ -58,7 +59,7 @@ def _lrn_reference(a, k, n, alpha, beta):
   c = a.shape[-1]
   for i in range(c):
     lo, hi = max(0, i - n // 2), min(c - 1, i + n // 2)
-    out[..., i] = a[..., i] / (k + alpha * np.sum(a[..., lo:hi + 1] ** 2, axis=-1)) ** beta
+    out[..., i] = a[..., i] / (k + alpha * np.sum(a[..., lo:hi + 1]**2, axis=-1))**beta
   return out
 
 
@@ -74,7 +75,8 @@ def test_lrn_matches_numpy(divided, beta):
 def test_lrn_is_per_tower():
   model = AlexNet(AlexNetSpec(width=0.125, image_size=67, num_classes=10), rngs=nnx.Rngs(0))
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 67, 67, 3)), jnp.float32)
-  acts = jax.jit(lambda x: model(x, capture=True).activations)(x)  # one compile beats ~300 eager ops
+  acts = jax.jit(lambda x: model(x, capture=True).activations)(
+      x)  # one compile beats ~300 eager ops
   # LRN of the tower-split maps equals LRN of each tower alone, not of the concatenation.
   towered = layers.local_response_norm(acts['conv1'])
   joined = layers.local_response_norm(jnp.concatenate(list(acts['conv1']), -1))
@@ -85,23 +87,26 @@ def test_max_pool_matches_numpy():
   a = np.random.default_rng(0).normal(size=(2, 13, 13, 3)).astype(np.float32)
   got = np.asarray(layers.max_pool(jnp.asarray(a)))
   assert got.shape == (2, 6, 6, 3)
-  ref = np.array([[[[a[b, 2 * i:2 * i + 3, 2 * j:2 * j + 3, c].max() for c in range(3)]
-                    for j in range(6)] for i in range(6)] for b in range(2)])
+  ref = np.array([[[[a[b, 2 * i:2 * i + 3, 2 * j:2 * j + 3, c].max()
+                     for c in range(3)]
+                    for j in range(6)]
+                   for i in range(6)]
+                  for b in range(2)])
   np.testing.assert_array_equal(got, ref)
 
 
 def test_own_tower_layers_ignore_the_other_tower():
   model = AlexNet(AlexNetSpec(width=0.125, image_size=67, num_classes=10), rngs=nnx.Rngs(0))
-  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 2, 7, 7, model.conv1.kernel.shape[-1])),
-                  jnp.float32)
+  x = jnp.asarray(
+      np.random.default_rng(2).normal(size=(2, 2, 7, 7, model.conv1.kernel.shape[-1])), jnp.float32)
   y = model.conv2(x)
   x_changed = x.at[1].add(5.0)
   y_changed = model.conv2(x_changed)
   np.testing.assert_array_equal(np.asarray(y[0]), np.asarray(y_changed[0]))
   assert not np.allclose(y[1], y_changed[1])
   # conv3 reads both towers: changing tower 1's maps changes tower 0's output.
-  x3 = jnp.asarray(np.random.default_rng(3).normal(size=(2, 2, 5, 5, model.conv2.kernel.shape[-1])),
-                   jnp.float32)
+  x3 = jnp.asarray(
+      np.random.default_rng(3).normal(size=(2, 2, 5, 5, model.conv2.kernel.shape[-1])), jnp.float32)
   assert not np.allclose(model.conv3(x3)[0], model.conv3(x3.at[1].add(5.0))[0])
 
 
@@ -131,7 +136,8 @@ def test_conv_as_matmul_equals_xla_convolution(stride, padding):
   k = jnp.asarray(rng.normal(size=(5, 5, 3, 4)), jnp.float32)
   ref = jax.lax.conv_general_dilated(x, k, (stride, stride), [(padding, padding)] * 2,
                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  np.testing.assert_allclose(layers.conv2d_as_matmul(x, k, stride, padding), ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(layers.conv2d_as_matmul(x, k, stride, padding), ref, rtol=1e-4,
+                             atol=1e-4)
 
 
 @pytest.mark.parametrize('window, stride, size', [(3, 2, 13), (3, 2, 14), (2, 2, 9), (3, 1, 7),
@@ -141,7 +147,8 @@ def test_max_pool_gradient_matches_reduce_window_with_ties(window, stride, size)
   # first of them, as XLA's own select-and-scatter gradient of reduce_window does.
   rng = np.random.default_rng(window * 100 + stride * 10 + size)
   a = np.maximum(rng.normal(size=(2, 3, size, size, 4)), 0).round(1).astype(np.float32)
-  reduce_window = lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, window, window, 1),
+  reduce_window = lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max,
+                                                  (1, 1, window, window, 1),
                                                   (1, 1, stride, stride, 1), 'VALID')
   y, vjp = jax.vjp(lambda x: layers.max_pool(x, window, stride), jnp.asarray(a))
   y_ref, vjp_ref = jax.vjp(reduce_window, jnp.asarray(a))

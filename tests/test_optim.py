@@ -66,7 +66,8 @@ def test_biases_can_be_left_undecayed():
 
 def test_schedules():
   step = optim.learning_rate_schedule(_optim_cfg(schedule='step', step_epochs=(2, 4)), 10, 6)
-  assert [float(step(s)) for s in (0, 19, 20, 39, 40)] == pytest.approx([0.01, 0.01, 1e-3, 1e-3, 1e-4])
+  assert [float(step(s)) for s in (0, 19, 20, 39, 40)
+         ] == pytest.approx([0.01, 0.01, 1e-3, 1e-3, 1e-4])
   cos = optim.learning_rate_schedule(_optim_cfg(schedule='cosine'), 10, 5)
   assert float(cos(0)) == pytest.approx(0.01) and float(cos(50)) == pytest.approx(0.0, abs=1e-9)
   warm = optim.learning_rate_schedule(_optim_cfg(schedule='cosine', warmup_epochs=1), 10, 5)

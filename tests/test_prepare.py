@@ -13,6 +13,7 @@ from skimage import data
 from alexnet_jax import configs, errors
 from alexnet_jax.data import augment, catalog, prepare, statistics
 from alexnet_jax.tools import bench_input
+
 from helpers import interrupt_on_call
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +88,8 @@ def test_prepare_from_folder(folder, prepared):
   # 20 % of each class's 6 files (one bad among them) went to validation, before decoding.
   assert 1 <= counts['validation'] <= 3
   report = json.load(open(os.path.join(directory, prepare.REPORT)))
-  skipped = {os.path.basename(s['file']): s['reason'] for v in report['skipped'].values() for s in v}
+  entries = [s for v in report['skipped'].values() for s in v]
+  skipped = {os.path.basename(s['file']): s['reason'] for s in entries}
   assert report['num_skipped'] == 3
   assert set(skipped) == {'truncated.jpg', 'notes.txt', 'huge.png'}
   assert 'too many pixels' in skipped['huge.png']
@@ -237,8 +239,10 @@ def test_bench_input_times_every_pipeline(tmp_path):
   """bench_input's folder → prepared set → figures path, on a few ImageNet-like JPEGs."""
   jpegs, data_dir = str(tmp_path / 'jpegs'), str(tmp_path / 'tfds')
   bench_input.make_folder(jpegs, 20, classes=2)
-  sizes = [Image.open(os.path.join(jpegs, 'class_000', f)).size
-           for f in sorted(os.listdir(os.path.join(jpegs, 'class_000')))]
+  sizes = [
+      Image.open(os.path.join(jpegs, 'class_000', f)).size
+      for f in sorted(os.listdir(os.path.join(jpegs, 'class_000')))
+  ]
   assert len(sizes) == 10 and all(300 <= max(s) <= 600 for s in sizes)
   prepare.prepare(jpegs, 'bench', data_dir=data_dir, val_fraction=0.2, workers=0, progress=False)
   r = bench_input.measure_pipelines(data='bench', data_dir=data_dir, folder=jpegs, workers=0,

@@ -8,6 +8,7 @@ import pytest
 
 from alexnet_jax import errors, program, sharding
 from alexnet_jax.tools import comm_map
+
 from helpers import tiny_config
 
 
@@ -63,7 +64,9 @@ def test_model_axis_talks_only_at_conv3_fc6_fc7_fc8_and_the_loss(collectives_4x2
   model_layers = {c.layer for c in collectives_4x2 if 'model' in c.axis}
   assert model_layers == {'conv3', 'fc6', 'fc7', 'fc8', 'loss'}
   for layer in ('conv3', 'fc6', 'fc7', 'fc8'):
-    kinds = {(c.direction, c.kind) for c in collectives_4x2 if c.layer == layer and c.axis == 'model'}
+    kinds = {
+        (c.direction, c.kind) for c in collectives_4x2 if c.layer == layer and c.axis == 'model'
+    }
     assert kinds == {('forward', 'all-gather'), ('backward', 'reduce-scatter')}, layer
 
 
@@ -78,7 +81,8 @@ def test_data_axis_talks_only_to_reduce_gradients_and_metrics(collectives_4x2):
   # The gradient all-reduces carry every parameter once: bytes = parameter bytes.
   c = tiny_config(data=4, model=2)
   params = program.build_program(c, steps_per_epoch=1).abstract_state.params
-  local_param_bytes = sum(4 * x.size // (2 if x.shape[0] == 2 else 1) for x in jax.tree.leaves(params))
+  local_param_bytes = sum(
+      4 * x.size // (2 if x.shape[0] == 2 else 1) for x in jax.tree.leaves(params))
   assert sum(c.bytes for c in data if c.direction == 'backward') == local_param_bytes
 
 
@@ -87,7 +91,8 @@ def test_parse_iota_replica_groups():
           'replica_groups=[2,4]<=[4,2]T(1,0), use_global_device_ids=true, to_apply=%add, '
           'metadata={op_name="jit(train_step)/shard_map/transpose(jvp(conv4))/psum_invariant"}')
   (c,) = comm_map.parse_collectives(line, {'data': 4, 'model': 2})
-  assert (c.layer, c.direction, c.kind, c.axis, c.bytes) == ('conv4', 'backward', 'all-reduce', 'data', 128)
+  assert (c.layer, c.direction, c.kind, c.axis, c.bytes) == ('conv4', 'backward', 'all-reduce',
+                                                             'data', 128)
 
 
 def test_comm_map_table_lists_layers(collectives_4x2):
@@ -97,7 +102,8 @@ def test_comm_map_table_lists_layers(collectives_4x2):
   # One line per summarised row, every column as summarised, in network order (forward first).
   body = [line.split() for line in lines[2:-1]]
   assert [(l[0], l[1], l[2], l[3], int(l[4]), int(l[5].replace(',', ''))) for l in body] == [
-      (r['layer'], r['direction'], r['kind'], r['axis'], r['ops'], r['bytes']) for r in rows]
+      (r['layer'], r['direction'], r['kind'], r['axis'], r['ops'], r['bytes']) for r in rows
+  ]
   order = [comm_map.SCOPES.index(l[0]) for l in body]
   assert order == sorted(order)
   # conv2 reads only its own tower: its one row is the gradient all-reduce over the data axis.

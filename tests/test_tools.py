@@ -6,12 +6,15 @@ import runpy
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from alexnet_jax import program, sharding
+from alexnet_jax.configs import base_config
 from alexnet_jax.models import describe
 from alexnet_jax.tools import summary
-from alexnet_jax.configs import base_config
+
 from helpers import PAPER_NEURONS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,14 +67,28 @@ def test_summary_cli_json():
 
 
 def test_comm_map_cli_json():
-  out = json.loads(_tool('alexnet_jax.tools.comm_map', '--config=configs/demo.py', '--json',
-                         '--config.model.width=0.0625', '--config.model.image_size=67',
-                         '--config.batch_size=16'))
+  out = json.loads(
+      _tool('alexnet_jax.tools.comm_map', '--config=configs/demo.py', '--json',
+            '--config.model.width=0.0625', '--config.model.image_size=67',
+            '--config.batch_size=16'))
   model_layers = {r['layer'] for r in out['collectives'] if r['axis'] == 'model'}
-  assert model_layers == {'conv3', 'fc6', 'fc7', 'fc8', 'loss'} and out['mesh'] == {'data': 1, 'model': 2}
+  assert model_layers == {'conv3', 'fc6', 'fc7', 'fc8', 'loss'
+                         } and out['mesh'] == {'data': 1, 'model': 2}
 
 
-def _forward_flops_per_image(config) -> int:
+def _step_flops(config) -> float:
+  """XLA's FLOP count of the compiled training step of ``config``, summed over its devices."""
+  prog = program.build_program(config, steps_per_epoch=100)
+  size = config.model.image_size
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(
+      prog.mesh))
+  batch = dict(image=spec((config.batch_size, size, size, 3), np.uint8), label=spec(
+      (config.batch_size,), np.int32))
+  compiled = prog.train_step.lower(prog.abstract_state, batch).compile()
+  return compiled.cost_analysis()['flops'] * prog.mesh.size
+
+
+def _forward_matmul_flops_per_image(config) -> int:
   """2 x multiply-adds of every layer's weights at every output position (biases aside)."""
   flops = 0
   for row in describe.layer_table(config)['layers']:
@@ -81,19 +98,19 @@ def _forward_flops_per_image(config) -> int:
 
 
 def test_bench_cli_prints_figures():
-  out = json.loads(_tool('alexnet_jax.tools.bench', '--config=configs/demo.py', '--json',
-                         '--torch=false', '--config.model.width=0.0625',
-                         '--config.model.image_size=67', '--batch_size=8', '--steps=1',
-                         '--warmup=1', '--repeats=1'))
-  assert (out['model'], out['towers'], out['batch_size'], out['image_size']) == ('alexnet', 2, 8, 67)
+  out = json.loads(
+      _tool('alexnet_jax.tools.bench', '--config=configs/demo.py', '--json', '--torch=false',
+            '--config.model.width=0.0625', '--config.model.image_size=67', '--batch_size=8',
+            '--steps=1', '--warmup=1', '--repeats=1'))
+  assert (out['model'], out['towers'], out['batch_size'], out['image_size']) == ('alexnet', 2, 8,
+                                                                                 67)
   assert out['mesh'] == {'data': 1, 'model': 2} and out['dtype'] == 'float32'
-  assert out['framework_vs_bare_jit'] == pytest.approx(
-      out['framework_images_per_second'] / out['bare_jit_images_per_second'])
-  # XLA's count of the compiled step, over both devices, against the network's own arithmetic:
-  # a training step is the forward pass and two backward products (about 3x; conv1 needs no input
-  # gradient, the pooling, LRN and update add a little). A step compiled for one device only, or
-  # counted twice, or missing its backward pass falls outside.
+  assert out['framework_vs_bare_jit'] == pytest.approx(out['framework_images_per_second'] /
+                                                       out['bare_jit_images_per_second'])
+  # The FLOPs are those of the very step that trains, over both devices of the mesh (not one
+  # device's program), and at least the forward and two backward products of the weights.
   config = runpy.run_path(os.path.join(REPO, 'configs', 'demo.py'))['get_config']()
   config.model.update(width=0.0625, image_size=67)
-  ratio = out['step_gflops'] * 1e9 / (8 * _forward_flops_per_image(config))
-  assert 2.5 < ratio < 3.6, ratio
+  config.batch_size = 8
+  assert out['step_gflops'] * 1e9 == pytest.approx(_step_flops(config), rel=1e-6)
+  assert out['step_gflops'] * 1e9 > 3 * 8 * _forward_matmul_flops_per_image(config)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from alexnet_jax import checkpointing, program, sharding, train
+
 from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,8 +35,9 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
   c.optim.learning_rate = 0.01
   prog = program.build_program(c, steps_per_epoch=10)
   rng = np.random.default_rng(0)
-  batch = sharding.put_batch(dict(image=rng.integers(0, 256, (16, 67, 67, 3), dtype=np.uint8),
-                                  label=rng.integers(0, 10, 16).astype(np.int32)), prog.mesh)
+  batch = sharding.put_batch(
+      dict(image=rng.integers(0, 256, (16, 67, 67, 3), dtype=np.uint8),
+           label=rng.integers(0, 10, 16).astype(np.int32)), prog.mesh)
   state = prog.init_state()
   losses = []
   for _ in range(30):
@@ -45,8 +47,7 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
 
 
 def _restore(workdir, prog):
-  manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'),
-                                       prog.config.checkpoint)
+  manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), prog.config.checkpoint)
   return checkpointing.restore_latest(manager, prog.abstract_state, None)
 
 
@@ -65,18 +66,18 @@ def test_save_and_resume_is_bit_identical(tmp_path):
   prog = program.build_program(c, steps_per_epoch=4)
   a, b = _restore(straight, prog), _restore(resumed, prog)
   assert a.step == b.step == 8
-  for x, y in zip(jax.tree.leaves(jax.device_get(a.state)), jax.tree.leaves(jax.device_get(b.state))):
+  for x, y in zip(jax.tree.leaves(jax.device_get(a.state)),
+                  jax.tree.leaves(jax.device_get(b.state))):
     np.testing.assert_array_equal(x, y)
   assert a.meta['val'] == b.meta['val']
-
 
 
 def test_batch_norm_model_trains_resumes_on_another_mesh_and_evaluates(tmp_path):
   """A zoo model through the whole training program: ResNet's batch statistics move in training,
   are checkpointed, survive a resume on a different data-parallel mesh, and serve evaluation."""
   c = _data_config(tmp_path / 'data', data=2, model=1)
-  c.model = ml_collections.ConfigDict(dict(name='resnet', depth=18, num_classes=10, image_size=32,
-                                           width=0.0625))
+  c.model = ml_collections.ConfigDict(
+      dict(name='resnet', depth=18, num_classes=10, image_size=32, width=0.0625))
   c.num_epochs = 1
   workdir = str(tmp_path / 'work')
   first = train.train_and_evaluate(c, workdir)
@@ -84,14 +85,15 @@ def test_batch_norm_model_trains_resumes_on_another_mesh_and_evaluates(tmp_path)
   fresh = jax.device_get(prog.init_state().batch_stats)
   after_one = jax.device_get(_restore(workdir, prog).state.batch_stats)
   assert jax.tree.structure(after_one) == jax.tree.structure(fresh)
-  assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after_one),
-                                                      jax.tree.leaves(fresh)))
+  assert all(
+      not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after_one), jax.tree.leaves(fresh)))
   c.mesh.data, c.num_epochs = 1, 2
   second = train.train_and_evaluate(c, workdir)
   restored = _restore(workdir, program.build_program(c, steps_per_epoch=4))
   assert restored.step == 8 and np.isfinite(first['loss']) and np.isfinite(second['loss'])
   assert all(not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(jax.device_get(restored.state.batch_stats)), jax.tree.leaves(after_one)))
+
 
 def _run_main(args, env_extra=None, timeout=300):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
@@ -101,12 +103,13 @@ def _run_main(args, env_extra=None, timeout=300):
 
 
 def _tiny_args(data_dir, workdir):
-  return ['--config=configs/demo.py', f'--workdir={workdir}',
-          f'--config.dataset.data_dir={data_dir}', '--config.dataset.num_train=64',
-          '--config.dataset.num_val=24', '--config.dataset.image_size=72',
-          '--config.model.image_size=67', '--config.model.width=0.0625', '--config.batch_size=16',
-          '--config.eval_batch_size=16', '--config.num_epochs=2', '--config.input.workers=0',
-          '--config.log_every_steps=2']
+  return [
+      '--config=configs/demo.py', f'--workdir={workdir}', f'--config.dataset.data_dir={data_dir}',
+      '--config.dataset.num_train=64', '--config.dataset.num_val=24',
+      '--config.dataset.image_size=72', '--config.model.image_size=67',
+      '--config.model.width=0.0625', '--config.batch_size=16', '--config.eval_batch_size=16',
+      '--config.num_epochs=2', '--config.input.workers=0', '--config.log_every_steps=2'
+  ]
 
 
 def _digest(directory):
@@ -170,7 +173,8 @@ def test_unreadable_checkpoint_is_reported_and_left_alone(tmp_path, trained_work
   proc = _run_main(_tiny_args(data, broken) + ['--config.num_epochs=3'])
   assert proc.returncode != 0
   error_lines = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
-  assert len(error_lines) == 1 and 'cannot restore the checkpoint' in error_lines[0], proc.stderr[-3000:]
+  assert len(
+      error_lines) == 1 and 'cannot restore the checkpoint' in error_lines[0], proc.stderr[-3000:]
   assert _digest(broken) == before
 
 
@@ -180,8 +184,9 @@ def test_bfloat16_compute_trains_with_float32_parameters():
   c.model.init = 'he'
   prog = program.build_program(c, steps_per_epoch=10)
   rng = np.random.default_rng(0)
-  batch = sharding.put_batch(dict(image=rng.integers(0, 256, (16, 67, 67, 3), dtype=np.uint8),
-                                  label=rng.integers(0, 10, 16).astype(np.int32)), prog.mesh)
+  batch = sharding.put_batch(
+      dict(image=rng.integers(0, 256, (16, 67, 67, 3), dtype=np.uint8),
+           label=rng.integers(0, 10, 16).astype(np.int32)), prog.mesh)
   state, metrics = prog.train_step(prog.init_state(), batch)
   assert np.isfinite(float(metrics['loss']))
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))

@@ -14,7 +14,9 @@ from PIL import Image
 
 from alexnet_jax import train
 from alexnet_jax.data import catalog, statistics
-from alexnet_jax.visualize import analyses, checkpoints, commands, images as images_lib, network, snapshots
+from alexnet_jax.visualize import analyses, checkpoints, commands, network, snapshots
+from alexnet_jax.visualize import images as images_lib
+
 from helpers import visualize_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +41,7 @@ def images(trained):
 
 def test_checkpoints_are_kept_at_the_listed_epochs(trained):
   config, workdir, net = trained
-  assert checkpoints.checkpoint_steps(config, workdir) == [4, 8]   # keep=1 alone would keep only 8
+  assert checkpoints.checkpoint_steps(config, workdir) == [4, 8]  # keep=1 alone would keep only 8
   assert net.step == 8 and net.epoch == 2
 
 
@@ -55,8 +57,8 @@ def test_networks_of_one_run_share_their_compiled_functions(trained):
   # 'features' above never reaches it (or the tests that use it after this one).
   assert net.functions is not shared and net.functions is not network.CompiledFunctions()
   # Counts of examples padded to a few batch shapes: devices x powers of two, at most the cap.
-  assert [network._bucket(n, 8, 64) for n in (1, 8, 9, 17, 26, 33, 64, 65, 500)] == [
-      8, 8, 16, 32, 32, 64, 64, 64, 64]
+  assert [network._bucket(n, 8, 64) for n in (1, 8, 9, 17, 26, 33, 64, 65, 500)
+         ] == [8, 8, 16, 32, 32, 64, 64, 64, 64]
   assert [network._bucket(n, 1, 32) for n in (1, 3, 5, 32, 40)] == [1, 4, 8, 32, 32]
 
 
@@ -75,7 +77,7 @@ def test_a_mean_image_network_is_analysed_on_the_input_evaluation_gives_it(train
     with_mean = checkpoints.load_network(paper, workdir)
     np.testing.assert_array_equal(with_mean.mean_image, stats.mean_image)
     pixels = images.pixels[:, :67, :67]
-    window = stats.mean_image[2:69, 2:69]    # the central 67 x 67 of the 72 x 72 mean image
+    window = stats.mean_image[2:69, 2:69]  # the central 67 x 67 of the 72 x 72 mean image
     expected = (pixels.astype(np.float32) - window) / np.float32(64.0)
     np.testing.assert_allclose(np.asarray(with_mean.normalize(pixels)), expected, rtol=1e-5,
                                atol=1e-5)
@@ -95,7 +97,7 @@ def test_training_renders_filters_and_projections(trained):
     filters = _png(os.path.join(workdir, 'visualize', f'filters_epoch{epoch}.png'))
     assert filters.shape == (2 * 35 + 2, 3 * 35 + 2, 3)
     deconv = _png(os.path.join(workdir, 'visualize', f'deconv_epoch{epoch}.png'))
-    assert deconv.shape == (2 * 136 + 2, 5 * 136 + 2, 3)   # 2 images, each + 4 projections
+    assert deconv.shape == (2 * 136 + 2, 5 * 136 + 2, 3)  # 2 images, each + 4 projections
   assert any(f.startswith('events') for f in os.listdir(os.path.join(workdir, 'tensorboard')))
 
 
@@ -103,7 +105,7 @@ def test_occlusion_equals_a_slow_loop(trained, images):
   _, _, net = trained
   image, label = images.pixels[0], int(images.labels[0])
   res = analyses.occlusion(net, image, label, 'conv5', size=20, stride=12)
-  assert res['feature'].shape == (4, 4)   # corners 0, 12, 24, 36
+  assert res['feature'].shape == (4, 4)  # corners 0, 12, 24, 36
   fill = np.asarray(net.config.input.mean_rgb, np.float32)
   for (r, c), feature, prob, pred in zip(res['corners'], res['feature'].ravel(),
                                          res['probability'].ravel(), res['predicted'].ravel()):
@@ -131,7 +133,7 @@ def test_identity_transforms_change_nothing(trained, images):
   for kind in res:
     for layer, d in res[kind]['distance'].items():
       assert np.all(d[:, 0] < 1e-4), (kind, layer, d)
-  assert np.all(res['rotation']['distance']['conv1'][:, 1] > 1e-2)   # a real change is measured
+  assert np.all(res['rotation']['distance']['conv1'][:, 1] > 1e-2)  # a real change is measured
   logits, _ = net.features(images.pixels[:2])
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
@@ -140,9 +142,7 @@ def test_identity_transforms_change_nothing(trained, images):
 
 
 def test_sign_consistency_by_hand():
-  eps = np.array([[1.0, -2.0, 0.0, 3.0],
-                  [2.0, -1.0, 0.0, -1.0],
-                  [-1.0, 0.0, 0.0, 5.0]])
+  eps = np.array([[1.0, -2.0, 0.0, 3.0], [2.0, -1.0, 0.0, -1.0], [-1.0, 0.0, 0.0, 5.0]])
   # signs: (+ - 0 +), (+ - 0 -), (- 0 0 +): H01 = 1/4, H02 = 2/4, H12 = 3/4; each pair twice.
   assert analyses.sign_consistency(eps) == pytest.approx(2 * (0.25 + 0.5 + 0.75))
 
@@ -173,17 +173,18 @@ def test_every_command_writes_its_figures(trained, tmp_path):
                              occluder_size=20, occluder_stride=12, random_draws=2)
   written = {}
   for analysis in commands.ANALYSES:
-    layers = dict(invariance=None, occlusion=None, correspondence=None).get(analysis, options.layers)
+    layers = dict(invariance=None, occlusion=None,
+                  correspondence=None).get(analysis, options.layers)
     written[analysis] = commands.run(analysis, config, workdir,
                                      dataclasses.replace(options, layers=layers), out)
   f = _png(written['filters'][0])
-  assert f.shape == (2 * 35 + 2, 3 * 35 + 2, 3)             # 6 filters of 11² zoomed to 33², 3 a row
+  assert f.shape == (2 * 35 + 2, 3 * 35 + 2, 3)  # 6 filters of 11² zoomed to 33², 3 a row
   deconv = {os.path.basename(p): _png(p) for p in written['deconv']}
   assert set(deconv) == {'deconv_conv1.png', 'deconv_conv5.png'}
   assert deconv['deconv_conv5.png'].shape == (2 * 136 + 2, 5 * 136 + 2, 3)  # image + 4 maps, 2 rows
   assert len(written['top9']) == 2 and len(written['evolution']) == 2
   evolution = _png(os.path.join(out, 'evolution_conv1.png'))
-  assert evolution.shape[1] == 2 * (66 + 2) + 2               # two checkpoints: epochs 1 and 2
+  assert evolution.shape[1] == 2 * (66 + 2) + 2  # two checkpoints: epochs 1 and 2
   for path in written['invariance'] + written['occlusion'] + written['correspondence']:
     assert _png(path).std() > 0
   assert len(written['occlusion']) == 2
@@ -192,8 +193,8 @@ def test_every_command_writes_its_figures(trained, tmp_path):
     for path in files:
       assert f'src="{os.path.basename(path)}"' in index
   with np.load(os.path.join(out, 'top9.npz')) as top9:
-    assert top9['conv5/values'].shape == (2 * 2,)   # 2 maps x one activation in each of 2 images
-    assert np.all(np.diff(top9['conv5/values'].reshape(2, 2), axis=1) <= 0)   # strongest first
+    assert top9['conv5/values'].shape == (2 * 2,)  # 2 maps x one activation in each of 2 images
+    assert np.all(np.diff(top9['conv5/values'].reshape(2, 2), axis=1) <= 0)  # strongest first
   table = json.load(open(os.path.join(out, 'correspondence.json')))['table']
   assert set(table['centre']) == {'conv5', 'fc7'}
 

@@ -16,12 +16,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from alexnet_jax import checkpointing, errors, optim, program, sharding
-from alexnet_jax.models import describe
-from alexnet_jax.tools import comm_map
 from alexnet_jax.configs import IMAGENET_STD_RGB, base_config
-from alexnet_jax.models import contract, create_model
-from alexnet_jax.visualize import deconvnet
+from alexnet_jax.models import contract, create_model, describe
 from alexnet_jax.models.zfnet import ZFNetSpec
+from alexnet_jax.tools import comm_map
+from alexnet_jax.visualize import deconvnet
 
 # Compiling the zoo's many small convolutions with XLA's full CPU optimisation takes minutes on a
 # small machine; the tests compile at optimisation level 0 (same programs, same results).
@@ -76,8 +75,10 @@ def test_zfnet_maps_are_the_papers():
 
 
 @pytest.mark.parametrize('model_cfg, size, layers', [
-    (dict(name='zfnet'), 67, 8), (dict(name='vgg', variant='C', batch_norm=True), 32, 16),
-    (dict(name='googlenet'), 80, 13), (dict(name='resnet', depth=101), 32, 35),
+    (dict(name='zfnet'), 67, 8),
+    (dict(name='vgg', variant='C', batch_norm=True), 32, 16),
+    (dict(name='googlenet'), 80, 13),
+    (dict(name='resnet', depth=101), 32, 35),
 ], ids=['zfnet', 'vgg', 'googlenet', 'resnet'])
 def test_output_shapes_at_small_resolution(model_cfg, size, layers):
   model = _abstract(dict(model_cfg, num_classes=10, image_size=size, width=0.125))
@@ -102,13 +103,13 @@ CONTRACT = [
 ]
 
 
-@pytest.mark.parametrize('model_cfg, size, deconv, aux, batch_stats', CONTRACT,
-                         ids=lambda x: str(x) if isinstance(x, dict) else None)
+@pytest.mark.parametrize('model_cfg, size, deconv, aux, batch_stats', CONTRACT, ids=lambda x: str(x)
+                         if isinstance(x, dict) else None)
 def test_every_model_declares_its_contract(model_cfg, size, deconv, aux, batch_stats):
   model = _abstract(dict(model_cfg, num_classes=12, image_size=size, width=0.125))
   assert isinstance(model, contract.Classifier)
-  assert (model.supports_deconv, model.has_aux_heads, model.has_batch_stats) == (
-      deconv, aux, batch_stats)
+  assert (model.supports_deconv, model.has_aux_heads, model.has_batch_stats) == (deconv, aux,
+                                                                                 batch_stats)
   x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
   key = jax.random.key(0)
   for train in (False, True):
@@ -134,22 +135,23 @@ def test_deconvnet_of_a_model_without_one_is_refused_in_one_sentence():
     jax.eval_shape(lambda p, x: apply(p, x, True), params, x)
 
 
-@pytest.mark.parametrize('remove, widths, expected', [
-    ((3, 4), {}, 62_357_608 - 885_120 - 1_327_488 - 884_992 + 590_080),
-    ((7,), {}, 62_357_608 - 16_781_312),
-    ((6, 7), {}, 9_216 * 1000 + 1000 + 3_726_464),
-    ((3, 4, 6, 7), {}, 14_208 + 614_656 + 590_080 + 9_216 * 1000 + 1000),
-    ((), dict(fc_width=2048), None), ((), dict(fc_width=8192), None),
-    ((), dict(conv_widths=(512, 1024, 512)), None),
-], ids=['no3-4', 'no7', 'no6-7', 'no3-4-6-7', 'fc2048', 'fc8192', 'conv512-1024-512'])
+@pytest.mark.parametrize(
+    'remove, widths, expected', [
+        ((3, 4), {}, 62_357_608 - 885_120 - 1_327_488 - 884_992 + 590_080),
+        ((7,), {}, 62_357_608 - 16_781_312),
+        ((6, 7), {}, 9_216 * 1000 + 1000 + 3_726_464),
+        ((3, 4, 6, 7), {}, 14_208 + 614_656 + 590_080 + 9_216 * 1000 + 1000),
+        ((), dict(fc_width=2048), None),
+        ((), dict(fc_width=8192), None),
+        ((), dict(conv_widths=(512, 1024, 512)), None),
+    ], ids=['no3-4', 'no7', 'no6-7', 'no3-4-6-7', 'fc2048', 'fc8192', 'conv512-1024-512'])
 def test_zfnet_ablations(remove, widths, expected):
   model = _abstract(dict(name='zfnet', remove=remove, **widths))
   if expected is not None:
     assert _param_count(model) == expected
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
   acts = jax.eval_shape(lambda m, x: m(x, capture=True), model, x).activations
-  assert not any(f'{n}' in acts for n in ('conv3', 'conv4', 'fc6', 'fc7')
-                 if int(n[-1]) in remove)
+  assert not any(f'{n}' in acts for n in ('conv3', 'conv4', 'fc6', 'fc7') if int(n[-1]) in remove)
   if 'fc_width' in widths:
     assert acts['fc6'].shape[-1] == widths['fc_width'] == acts['fc7'].shape[-1]
   if 'conv_widths' in widths:
@@ -170,6 +172,7 @@ def test_bad_zoo_configs():
 
 
 # ---- training through the program -------------------------------------------------------------
+
 
 def zoo_config(model: dict, size: int, *, data: int = 2):
   c = base_config()
@@ -197,17 +200,17 @@ class Trained:
     self.train = self.prog.train_step.lower(state, self.batch).compile(FAST_COMPILE)
     self.state, self.metrics = jax.device_get(self.train(state, self.batch))
     if evaluate:
-      self.evaluate = self.prog.eval_step.lower(
-          state.params, state.batch_stats, self.eval_batch).compile(FAST_COMPILE)
+      self.evaluate = self.prog.eval_step.lower(state.params, state.batch_stats,
+                                                self.eval_batch).compile(FAST_COMPILE)
 
   def eval_metrics(self, params, batch_stats):
     return jax.device_get(self.evaluate(params, batch_stats, self.eval_batch))
 
 
-ZOO = dict(zfnet=(dict(name='zfnet', init='he'), 67),
-           vgg_bn=(dict(name='vgg', variant='A', batch_norm=True, init='he'), 32),
-           googlenet=(dict(name='googlenet', init='he'), 80),
-           resnet18=(dict(name='resnet', depth=18), 32))
+ZOO = dict(zfnet=(dict(name='zfnet', init='he'), 67), vgg_bn=(dict(name='vgg', variant='A',
+                                                                   batch_norm=True, init='he'), 32),
+           googlenet=(dict(name='googlenet',
+                           init='he'), 80), resnet18=(dict(name='resnet', depth=18), 32))
 
 
 @functools.cache
@@ -237,7 +240,6 @@ def test_one_training_step_per_model(trained):
     assert t.eval_metrics(t.state.params, other)['loss'] != pytest.approx(out['loss'])
 
 
-
 def test_comm_map_names_every_collective_of_a_zoo_model():
   """comm_map attributes ResNet's collectives to its own layers: batch norm's forward moments are
   reduced over the data axis in the layers that hold them, nothing is left unattributed."""
@@ -245,12 +247,14 @@ def test_comm_map_names_every_collective_of_a_zoo_model():
   scopes = comm_map.layer_scopes(t.prog.config)
   assert scopes[:2] == ('conv1', 'conv2_1') and scopes[-3:] == comm_map.STEP_SCOPES
   colls = comm_map.parse_collectives(t.train.as_text(), dict(t.prog.mesh.shape), scopes)
-  assert colls and all(c.layer in scopes for c in colls), {c.op_name for c in colls
-                                                          if c.layer not in scopes}
+  assert colls and all(c.layer in scopes for c in colls), {
+      c.op_name for c in colls if c.layer not in scopes
+  }
   forward = {c.layer for c in colls if c.direction == 'forward' and c.axis == 'data'}
   assert {'conv1', 'conv2_1', 'conv5_2'} <= forward
   rows = comm_map.summarize(colls, scopes)
   assert rows[0]['layer'] == 'conv1' and 'conv5_2' in comm_map.format_table(rows, {'data': 2})
+
 
 def test_batch_norm_statistics_agree_across_data_shards():
   """The same batch on 4 data shards and on 1: identical running statistics and updates."""
@@ -269,8 +273,8 @@ def test_googlenet_auxiliary_heads_count_in_training_only():
   # Training: the objective is the loss plus 0.3 x each head's loss, and the heads learn.
   assert t.metrics['objective'] > t.metrics['loss'] + 0.3 * 2 * 1.0
   for head in ('aux1', 'aux2'):
-    assert all(not np.array_equal(a, b) for a, b in zip(
-        jax.tree.leaves(t.init.params[head]), jax.tree.leaves(t.state.params[head])))
+    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(t.init.params[head]),
+                                                        jax.tree.leaves(t.state.params[head])))
   # Evaluation: the heads are not run — poisoning their weights changes nothing.
   out = t.eval_metrics(t.state.params, t.state.batch_stats)
   poisoned = dict(t.state.params, aux1=jax.tree.map(lambda p: p * np.nan, t.state.params['aux1']),
@@ -285,11 +289,14 @@ def test_googlenet_auxiliary_heads_count_in_training_only():
 def test_zfnet_ablations_train(remove):
   t = Trained(zoo_config(dict(name='zfnet', init='he', remove=remove), 67), evaluate=False)
   assert np.isfinite(t.metrics['loss'])
-  assert set(t.state.params) == {n for i, n in enumerate(
-      ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8'), 1) if i not in remove}
+  assert set(t.state.params) == {
+      n for i, n in enumerate(('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8'), 1)
+      if i not in remove
+  }
 
 
 # ---- feature-scale clipping -------------------------------------------------------------------
+
 
 def _filter_rms(kernel):
   return np.sqrt(np.mean(np.square(kernel), axis=(1, 2, 3)))
@@ -298,10 +305,12 @@ def _filter_rms(kernel):
 def test_filter_rms_clipping():
   rng = np.random.default_rng(0)
   kernel = rng.normal(scale=0.05, size=(2, 3, 3, 4, 6)).astype(np.float32)
-  kernel[0, ..., 1] *= 10.0   # one filter far above RMS 0.1, one just above
+  kernel[0, ..., 1] *= 10.0  # one filter far above RMS 0.1, one just above
   kernel[1, ..., 4] *= 2.5
-  params = {'conv': {'kernel': jnp.asarray(kernel), 'bias': jnp.full((2, 6), 5.0)},
-            'fc': {'kernel': jnp.full((1, 4, 3), 5.0)}}
+  params = {
+      'conv': {'kernel': jnp.asarray(kernel), 'bias': jnp.full((2, 6), 5.0)},
+      'fc': {'kernel': jnp.full((1, 4, 3), 5.0)}
+  }
   tx = optim.clip_filter_rms(0.1)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
@@ -311,10 +320,9 @@ def test_filter_rms_clipping():
   assert over.sum() == 2 and over[0, 1] and over[1, 4]
   np.testing.assert_allclose(rms_after[over], 0.1, rtol=1e-5)
   assert np.all(rms_after <= 0.1 + 1e-6)
-  np.testing.assert_array_equal(new['conv']['kernel'][~over.reshape(2, 1, 1, 1, 6).repeat(3, 1)
-                                                     .repeat(3, 2).repeat(4, 3)],
-                                kernel[~over.reshape(2, 1, 1, 1, 6).repeat(3, 1).repeat(3, 2)
-                                       .repeat(4, 3)])
+  np.testing.assert_array_equal(
+      new['conv']['kernel'][~over.reshape(2, 1, 1, 1, 6).repeat(3, 1).repeat(3, 2).repeat(4, 3)],
+      kernel[~over.reshape(2, 1, 1, 1, 6).repeat(3, 1).repeat(3, 2).repeat(4, 3)])
   # Direction kept; biases and fc weights are not filters.
   np.testing.assert_allclose(new['conv']['kernel'][0, ..., 1] / kernel[0, ..., 1],
                              0.1 / rms_before[0, 1], rtol=1e-5)
@@ -334,10 +342,10 @@ def test_clipping_in_the_optimiser_chain():
   assert float(optim.current_learning_rate(tx.init(params))) == pytest.approx(0.01)
 
 
-@pytest.mark.parametrize('model_cfg, total', [(dict(name='googlenet'), 13_378_280),
-                                              (dict(name='resnet', depth=152), 60_192_808),
-                                              (dict(name='vgg', variant='D', batch_norm=True),
-                                               138_365_992)])
+@pytest.mark.parametrize('model_cfg, total',
+                         [(dict(name='googlenet'), 13_378_280),
+                          (dict(name='resnet', depth=152), 60_192_808),
+                          (dict(name='vgg', variant='D', batch_norm=True), 138_365_992)])
 def test_summary_lists_every_model(model_cfg, total):
   c = base_config()
   c.model = ml_collections.ConfigDict(model_cfg)
@@ -355,6 +363,7 @@ def test_summary_lists_every_model(model_cfg, total):
 
 # ---- "one weird trick" ------------------------------------------------------------------------
 
+
 def _hybrid_config(data, model):
   c = zoo_config({}, 67, data=data)
   c.model = base_config().model
@@ -366,23 +375,24 @@ def _hybrid_config(data, model):
 
 def test_hybrid_batch_must_split_over_the_model_axis_before_anything_compiles():
   c = _hybrid_config(2, 2)
-  c.batch_size = 6   # 3 examples per data shard cannot split over 2 model devices
+  c.batch_size = 6  # 3 examples per data shard cannot split over 2 model devices
   with pytest.raises(errors.MeshError, match='multiple of mesh.data x mesh.model = 4'):
     program.build_program(c, steps_per_epoch=1)
-  c.model.hybrid = False   # the two-tower model shares every example between its towers
+  c.model.hybrid = False  # the two-tower model shares every example between its towers
   program.build_program(c, steps_per_epoch=1)
 
 
 def test_hybrid_parallelism_computes_the_unsplit_update():
   """Data-parallel convs + neuron-split fcs over 2 devices == the same net on one device."""
-  split, whole = Trained(_hybrid_config(1, 2), evaluate=False), Trained(_hybrid_config(1, 1),
-                                                                         evaluate=False)
+  split, whole = Trained(_hybrid_config(1, 2),
+                         evaluate=False), Trained(_hybrid_config(1, 1), evaluate=False)
   assert split.metrics['loss'] == pytest.approx(whole.metrics['loss'], rel=1e-5)
   for a, b in zip(jax.tree.leaves(split.state.params), jax.tree.leaves(whole.state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
   # Conv weights are one replicated tower; fc weights are split over the model axis.
   specs = split.prog.state_specs.params
-  assert 'model' not in specs['conv3']['kernel'] and specs['fc6']['kernel'] == P('model', None, None)
+  assert 'model' not in specs['conv3']['kernel'] and specs['fc6']['kernel'] == P(
+      'model', None, None)
   colls = comm_map.parse_collectives(split.train.as_text(), dict(split.prog.mesh.shape))
   model_axis = {(c.layer, c.direction, c.kind) for c in colls if c.axis == 'model'}
   # The switch from batch-split to neuron-split is fc6's all-gather of the examples' features.
@@ -403,6 +413,7 @@ def test_compare_parallelism_bytes():
 
 
 # ---- configs and checkpoints ------------------------------------------------------------------
+
 
 def _load_config(name):
   spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', name + '.py'))

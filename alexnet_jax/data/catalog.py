@@ -1,6 +1,7 @@
 """Finding a data set by name: the built-in set, a set prepared by ``prepare``, or a TFDS set.
 
-``open_source(dataset_cfg, split)`` is the one entry point; it returns a ``data.sources.ImageSource``.
+``open_source(dataset_cfg, split)`` is the one entry point; it returns a
+``data.sources.ImageSource``.
 """
 
 from __future__ import annotations
@@ -8,18 +9,22 @@ from __future__ import annotations
 import json
 import os
 
-from absl import logging
 import tensorflow_datasets as tfds
+from absl import logging
 
 from alexnet_jax.data import builtin
-from alexnet_jax.data.sources import ArrayRecordImageSource, DatasetInfo, ImageSource, TfdsImageSource
+from alexnet_jax.data.sources import (
+    ArrayRecordImageSource,
+    DatasetInfo,
+    ImageSource,
+    TfdsImageSource,
+)
 from alexnet_jax.errors import DatasetNotFoundError
-
 
 
 def default_data_dir() -> str:
   """TFDS's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
-  return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+  return os.path.expanduser(os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
 
 
 def open_source(dataset_cfg, split: str, *, min_side: int | None = None,
@@ -50,12 +55,13 @@ def open_source(dataset_cfg, split: str, *, min_side: int | None = None,
   data_dir = os.path.expanduser(str(dataset_cfg.data_dir or default_data_dir()))
   max_bad_fraction = float(dataset_cfg.max_bad_fraction)
   if name == builtin.NAME:
-    directory = builtin.ensure_builtin(
-        data_dir, num_train=int(dataset_cfg.num_train), num_val=int(dataset_cfg.num_val),
-        image_size=int(dataset_cfg.image_size), seed=int(dataset_cfg.seed), progress=progress)
+    directory = builtin.ensure_builtin(data_dir, num_train=int(dataset_cfg.num_train),
+                                       num_val=int(dataset_cfg.num_val),
+                                       image_size=int(dataset_cfg.image_size),
+                                       seed=int(dataset_cfg.seed), progress=progress)
     return open_record_directory(directory, split, max_bad_fraction=max_bad_fraction)
   prepared = os.path.join(data_dir, name)
-  if os.path.isfile(os.path.join(prepared, "metadata.json")):
+  if os.path.isfile(os.path.join(prepared, 'metadata.json')):
     return open_record_directory(prepared, split, max_bad_fraction=max_bad_fraction)
   return _open_tfds(name, split, data_dir, max_bad_fraction, min_side)
 
@@ -64,49 +70,48 @@ def open_record_directory(directory: str, split: str, *,
                           max_bad_fraction: float = 0.01) -> ArrayRecordImageSource:
   """Opens a split of a directory of `encode_record` shards with a metadata.json: the built-in
   set (as `ensure_builtin` returns) or a set written by `alexnet_jax.tools.prepare`."""
-  meta_path = os.path.join(directory, "metadata.json")
+  meta_path = os.path.join(directory, 'metadata.json')
   try:
     with open(meta_path) as f:
       meta = json.load(f)
   except FileNotFoundError:
     raise DatasetNotFoundError(
-        f"no metadata.json in {directory}: not a finished set; the built-in set is created on "
-        f"first use, a folder of images by `python -m alexnet_jax.tools.prepare`") from None
-  splits = meta["splits"]
+        f'no metadata.json in {directory}: not a finished set; the built-in set is created on '
+        f'first use, a folder of images by `python -m alexnet_jax.tools.prepare`') from None
+  splits = meta['splits']
   resolved = _resolve_split(split, list(splits))
   if resolved is None:
     raise DatasetNotFoundError(
         f"{meta['name']}: no split {split!r} in {directory} (it has {sorted(splits)})")
   entry = splits[resolved]
-  info = DatasetInfo(
-      name=meta["name"], split=resolved, num_examples=int(entry["num_examples"]),
-      num_classes=int(meta["num_classes"]), class_names=tuple(meta["class_names"]),
-      image_size=int(meta["image_size"]), location=directory)
-  paths = [os.path.join(directory, shard) for shard in entry["shards"]]
+  info = DatasetInfo(name=meta['name'], split=resolved, num_examples=int(entry['num_examples']),
+                     num_classes=int(meta['num_classes']), class_names=tuple(meta['class_names']),
+                     image_size=int(meta['image_size']), location=directory)
+  paths = [os.path.join(directory, shard) for shard in entry['shards']]
   return ArrayRecordImageSource(paths, info, max_bad_fraction=max_bad_fraction)
 
 
 def _resolve_split(split: str, available: list[str]) -> str | None:
   """Returns the split to read, allowing 'validation' <-> 'test' and TFDS slicing."""
-  base, bracket, rest = split.partition("[")
+  base, bracket, rest = split.partition('[')
   if base in available:
     return split
-  for a, b in (("validation", "test"), ("test", "validation")):
+  for a, b in (('validation', 'test'), ('test', 'validation')):
     if base == a and b in available:
-      logging.info("split %r not present; using %r instead", base, b)
+      logging.info('split %r not present; using %r instead', base, b)
       return b + bracket + rest
   return None
 
 
 def _tfds_prepare_hint(name: str, data_dir: str) -> str:
-  base = name.split("/")[0].split(":")[0]
-  if base == "imagenet2012":
+  base = name.split('/')[0].split(':')[0]
+  if base == 'imagenet2012':
     return (f"put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
             f"{os.path.join(data_dir, 'downloads', 'manual')} and run `tfds build imagenet2012 "
             f"--file_format=array_record --data_dir={data_dir}` (the build step needs "
             f"TensorFlow installed; reading does not)")
-  return (f"run `tfds build {base} --file_format=array_record --data_dir={data_dir}` "
-          f"(the build step may need TensorFlow installed; reading does not)")
+  return (f'run `tfds build {base} --file_format=array_record --data_dir={data_dir}` '
+          f'(the build step may need TensorFlow installed; reading does not)')
 
 
 def _open_tfds(name: str, split: str, data_dir: str, max_bad_fraction: float,
@@ -122,37 +127,37 @@ def _open_tfds(name: str, split: str, data_dir: str, max_bad_fraction: float,
         f"to prepare a TFDS set: {hint}") from None
   if not builder.is_prepared():
     raise DatasetNotFoundError(
-        f"TFDS data set {name!r} is not prepared in {builder.data_dir} (looked under "
-        f"data_dir={data_dir}); to prepare it: {hint}")
+        f'TFDS data set {name!r} is not prepared in {builder.data_dir} (looked under '
+        f'data_dir={data_dir}); to prepare it: {hint}')
   info = builder.info
   formats = {f.value for f in info.available_file_formats()}
-  if "array_record" not in formats:
+  if 'array_record' not in formats:
     raise DatasetNotFoundError(
-        f"TFDS data set {name!r} in {builder.data_dir} is stored as {sorted(formats)}, "
-        f"but random access needs ArrayRecord; rebuild it: {hint}")
+        f'TFDS data set {name!r} in {builder.data_dir} is stored as {sorted(formats)}, '
+        f'but random access needs ArrayRecord; rebuild it: {hint}')
   resolved = _resolve_split(split, list(info.splits.keys()))
   if resolved is None:
     raise DatasetNotFoundError(
-        f"TFDS data set {name!r} in {builder.data_dir} has no split {split!r} "
-        f"(it has {sorted(info.splits.keys())})")
+        f'TFDS data set {name!r} in {builder.data_dir} has no split {split!r} '
+        f'(it has {sorted(info.splits.keys())})')
 
-  image_key, label_key = "image", "label"
+  image_key, label_key = 'image', 'label'
   if info.supervised_keys and all(isinstance(k, str) for k in info.supervised_keys[:2]):
     image_key, label_key = info.supervised_keys[:2]
   features = info.features
   if image_key not in features or label_key not in features:
     raise DatasetNotFoundError(
-        f"TFDS data set {name!r} has no ({image_key!r}, {label_key!r}) features "
-        f"(it has {sorted(features.keys())}); an image-classification set is needed")
+        f'TFDS data set {name!r} has no ({image_key!r}, {label_key!r}) features '
+        f'(it has {sorted(features.keys())}); an image-classification set is needed')
   label_feature = features[label_key]
-  num_classes = int(getattr(label_feature, "num_classes", 0) or 0)
-  names = getattr(label_feature, "names", None) or [str(i) for i in range(num_classes)]
-  image_shape = getattr(features[image_key], "shape", (None, None, 3))
-  image_size = (image_shape[0] if image_shape[0] is not None and image_shape[0] == image_shape[1]
-                else None)
+  num_classes = int(getattr(label_feature, 'num_classes', 0) or 0)
+  names = getattr(label_feature, 'names', None) or [str(i) for i in range(num_classes)]
+  image_shape = getattr(features[image_key], 'shape', (None, None, 3))
+  image_size = (image_shape[0]
+                if image_shape[0] is not None and image_shape[0] == image_shape[1] else None)
   num_examples = int(info.splits[resolved].num_examples)
-  src_info = DatasetInfo(
-      name=name, split=resolved, num_examples=num_examples, num_classes=num_classes,
-      class_names=tuple(names), image_size=image_size, location=os.fspath(builder.data_dir))
-  return TfdsImageSource(os.fspath(builder.data_dir), resolved, image_key, label_key,
-                         src_info, max_bad_fraction=max_bad_fraction, min_side=min_side)
+  src_info = DatasetInfo(name=name, split=resolved, num_examples=num_examples,
+                         num_classes=num_classes, class_names=tuple(names), image_size=image_size,
+                         location=os.fspath(builder.data_dir))
+  return TfdsImageSource(os.fspath(builder.data_dir), resolved, image_key, label_key, src_info,
+                         max_bad_fraction=max_bad_fraction, min_side=min_side)

@@ -34,10 +34,10 @@ def open_inputs(config) -> Inputs:
   computes (once, stored beside the data set) the statistics the input recipe needs."""
   resize_to = config.input.resize_to
   progress = jax.process_index() == 0
-  train_source = catalog.open_source(config.dataset, config.dataset.train_split,
-                                     min_side=resize_to, progress=progress)
-  eval_source = catalog.open_source(config.dataset, config.dataset.eval_split,
-                                    min_side=resize_to, progress=progress)
+  train_source = catalog.open_source(config.dataset, config.dataset.train_split, min_side=resize_to,
+                                     progress=progress)
+  eval_source = catalog.open_source(config.dataset, config.dataset.eval_split, min_side=resize_to,
+                                    progress=progress)
   check_data(config, train_source)
   stats = input_statistics(config, train_source)
   mean_image = stats.mean_image if stats is not None and config.input.mean_image else None
@@ -58,9 +58,10 @@ def input_statistics(config, train_source) -> statistics.Statistics | None:
     return None
   side = inp.resize_to or train_source.info.image_size
   if side is None:
-    raise ConfigError(f'data set {config.dataset.name!r} has images of different sizes, so the '
-                      'mean image needs them rescaled: set --config.input.resize_to=256 (the '
-                      'paper), or --config.input.mean_image=False --config.input.pca_lighting_std=0')
+    raise ConfigError(
+        f'data set {config.dataset.name!r} has images of different sizes, so the '
+        'mean image needs them rescaled: set --config.input.resize_to=256 (the '
+        'paper), or --config.input.mean_image=False --config.input.pca_lighting_std=0')
   if side < config.model.image_size:
     raise ConfigError(f'images are {side}px, smaller than the {config.model.image_size}px crops: '
                       f'set --config.input.resize_to to at least {config.model.image_size}')
@@ -85,18 +86,22 @@ def train_batches(config, train_source, mesh) -> pipeline.DevicePrefetch:
   ``prefetch_batches`` ahead of the step; its checkpoint records the position of the next batch
   the step will see."""
   inp = config.input
-  return pipeline.DevicePrefetch(iter(pipeline.train_dataset(
-      train_source, global_batch_size=config.batch_size, crop_size=config.model.image_size,
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      workers=inp.workers, resize_to=inp.resize_to, random_crop=inp.random_crop, flip=inp.flip,
-      pca_std=inp.pca_lighting_std, worker_priority=inp.worker_priority)),
+  return pipeline.DevicePrefetch(
+      iter(
+          pipeline.train_dataset(train_source, global_batch_size=config.batch_size,
+                                 crop_size=config.model.image_size, seed=config.seed,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count(), workers=inp.workers,
+                                 resize_to=inp.resize_to, random_crop=inp.random_crop,
+                                 flip=inp.flip, pca_std=inp.pca_lighting_std,
+                                 worker_priority=inp.worker_priority)),
       put=lambda b: sharding.put_batch(b, mesh), size=inp.prefetch_batches)
 
 
 def eval_batches(config, eval_source):
   """This process's evaluation batches (views, padding masks): iterate it afresh for every pass."""
   inp = config.input
-  return pipeline.eval_dataset(
-      eval_source, global_batch_size=config.eval_batch_size, crop_size=config.model.image_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      workers=inp.workers, resize_to=inp.resize_to, views=inp.eval_views)
+  return pipeline.eval_dataset(eval_source, global_batch_size=config.eval_batch_size,
+                               crop_size=config.model.image_size, process_index=jax.process_index(),
+                               process_count=jax.process_count(), workers=inp.workers,
+                               resize_to=inp.resize_to, views=inp.eval_views)

@@ -37,17 +37,19 @@ from absl import flags
 from alexnet_jax.data import augment
 from alexnet_jax.errors import ConfigError
 
-__all__ = ["train_dataset", "eval_dataset", "steps_per_epoch", "eval_steps",
-           "TrainAugment", "EvalTransform", "local_batch_size", "DevicePrefetch"]
+__all__ = [
+    'train_dataset', 'eval_dataset', 'steps_per_epoch', 'eval_steps', 'TrainAugment',
+    'EvalTransform', 'local_batch_size', 'DevicePrefetch'
+]
 
 
 def local_batch_size(global_batch_size: int, process_count: int = 1) -> int:
   if global_batch_size <= 0 or process_count <= 0:
-    raise ValueError(f"need positive global_batch_size and process_count, got "
-                     f"{global_batch_size}, {process_count}")
+    raise ValueError(f'need positive global_batch_size and process_count, got '
+                     f'{global_batch_size}, {process_count}')
   if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
-                     f"process_count {process_count}")
+    raise ValueError(f'global_batch_size {global_batch_size} is not divisible by '
+                     f'process_count {process_count}')
   return global_batch_size // process_count
 
 
@@ -86,14 +88,15 @@ class TrainAugment(grain.transforms.RandomMap):
 
   def random_map(self, element, rng: np.random.Generator):
     c = self.crop_size
-    image = augment.fit_for_crop(element["image"], c, self.resize_to)
+    image = augment.fit_for_crop(element['image'], c, self.resize_to)
     top, left, flipped = augment.random_window(rng, *image.shape[:2], c,
                                                random_crop=self.random_crop, flip=self.flip)
     alpha = (rng.normal(0.0, self.pca_std, 3) if self.pca_std > 0 else np.zeros(3))
-    return {"image": augment.crop_flip(image, top, left, c, flipped),
-            "label": np.int32(element["label"]),
-            "crop": np.array([top, left, flipped], np.int32),
-            "alpha": alpha.astype(np.float32)}
+    return {
+        'image': augment.crop_flip(image, top, left, c,
+                                   flipped), 'label': np.int32(element['label']),
+        'crop': np.array([top, left, flipped], np.int32), 'alpha': alpha.astype(np.float32)
+    }
 
 
 class EvalTransform(grain.transforms.Map):
@@ -104,7 +107,7 @@ class EvalTransform(grain.transforms.Map):
   crop (10, 3).
   """
 
-  def __init__(self, crop_size: int, resize_to: int | None = None, views: str = "center"):
+  def __init__(self, crop_size: int, resize_to: int | None = None, views: str = 'center'):
     self.crop_size = int(crop_size)
     self.resize_to = resize_to
     self.views = views
@@ -112,28 +115,31 @@ class EvalTransform(grain.transforms.Map):
 
   def map(self, element):
     c = self.crop_size
-    image = augment.fit_for_crop(element["image"], c, self.resize_to)
+    image = augment.fit_for_crop(element['image'], c, self.resize_to)
     windows = augment.view_windows(*image.shape[:2], c, self.views)
     crops = np.stack([augment.crop_flip(image, t, l, c, f) for t, l, f in windows])
     crop = np.array(windows, np.int32)
-    if self.views == "center":
+    if self.views == 'center':
       crops, crop = crops[0], crop[0]
-    return {"image": crops, "label": np.int32(element["label"]), "crop": crop,
-            "mask": np.float32(1.0)}
+    return {
+        'image': crops, 'label': np.int32(element['label']), 'crop': crop, 'mask': np.float32(1.0)
+    }
 
 
 class _Padding(grain.transforms.Map):
   """Maps any index to a padding example (zeros, label 0, mask 0) shaped like the views."""
 
-  def __init__(self, crop_size: int, views: str = "center"):
+  def __init__(self, crop_size: int, views: str = 'center'):
     c = int(crop_size)
-    views_axis = () if views == "center" else (len(augment.view_windows(c, c, c, views)),)
+    views_axis = () if views == 'center' else (len(augment.view_windows(c, c, c, views)),)
     self.shape = views_axis + (c, c, 3)
 
   def map(self, element):
     del element
-    return {"image": np.zeros(self.shape, np.uint8), "label": np.int32(0),
-            "crop": np.zeros(self.shape[:-3] + (3,), np.int32), "mask": np.float32(0.0)}
+    return {
+        'image': np.zeros(self.shape, np.uint8), 'label': np.int32(0),
+        'crop': np.zeros(self.shape[:-3] + (3,), np.int32), 'mask': np.float32(0.0)
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -172,13 +178,13 @@ def _set_worker_priority(priority: str, worker_index: int, worker_count: int) ->
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
-def finish(ds: grain.MapDataset, *, workers: int, read_threads: int,
-            prefetch_buffer: int, worker_priority: str = 'normal') -> grain.IterDataset:
+def finish(ds: grain.MapDataset, *, workers: int, read_threads: int, prefetch_buffer: int,
+           worker_priority: str = 'normal') -> grain.IterDataset:
   if worker_priority not in WORKER_PRIORITIES:
     raise ConfigError(f'unknown input.worker_priority {worker_priority!r}; choose one of '
-                     f'{", ".join(WORKER_PRIORITIES)}')
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                               prefetch_buffer_size=prefetch_buffer))
+                      f'{", ".join(WORKER_PRIORITIES)}')
+  it_ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer))
   if workers > 0:
     _ensure_absl_flags_parsed()
     init = (functools.partial(_set_worker_priority, worker_priority)
@@ -190,9 +196,9 @@ def finish(ds: grain.MapDataset, *, workers: int, read_threads: int,
 
 def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, workers: int = 0,
-                  prefetch_buffer: int = 4, read_threads: int = 4,
-                  resize_to: int | None = None, random_crop: bool = True, flip: bool = True,
-                  pca_std: float = 0.0, worker_priority: str = 'normal') -> grain.IterDataset:
+                  prefetch_buffer: int = 4, read_threads: int = 4, resize_to: int | None = None,
+                  random_crop: bool = True, flip: bool = True, pca_std: float = 0.0,
+                  worker_priority: str = 'normal') -> grain.IterDataset:
   """Endless, shuffled, augmented training batches for this process.
 
   source → slice [process_index::process_count] → seed → shuffle (reshuffled every
@@ -205,25 +211,25 @@ def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
   """
   local = local_batch_size(global_batch_size, process_count)
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
   if len(source) < process_count:
-    raise ConfigError(f"{len(source)} examples cannot be split over {process_count} processes")
+    raise ConfigError(f'{len(source)} examples cannot be split over {process_count} processes')
   ds = grain.MapDataset.source(source)
   ds = ds[process_index::process_count]
   ds = ds.seed(_process_seed(seed, process_index))
   ds = ds.shuffle()
   ds = ds.repeat(None)
-  ds = ds.random_map(TrainAugment(crop_size, resize_to, random_crop=random_crop, flip=flip,
-                                  pca_std=pca_std))
+  ds = ds.random_map(
+      TrainAugment(crop_size, resize_to, random_crop=random_crop, flip=flip, pca_std=pca_std))
   ds = ds.batch(local, drop_remainder=True)
-  return finish(ds, workers=workers, read_threads=read_threads,
-                 prefetch_buffer=prefetch_buffer, worker_priority=worker_priority)
+  return finish(ds, workers=workers, read_threads=read_threads, prefetch_buffer=prefetch_buffer,
+                worker_priority=worker_priority)
 
 
 def eval_dataset(source, *, global_batch_size: int, crop_size: int, process_index: int = 0,
                  process_count: int = 1, workers: int = 0, prefetch_buffer: int = 4,
                  read_threads: int = 4, resize_to: int | None = None,
-                 views: str = "center") -> grain.IterDataset:
+                 views: str = 'center') -> grain.IterDataset:
   """One deterministic pass over this process's slice, centre-cropped, with a mask.
 
   Every process yields the same number of batches (`eval_steps(len(source), ...)`),
@@ -233,7 +239,7 @@ def eval_dataset(source, *, global_batch_size: int, crop_size: int, process_inde
   """
   local = local_batch_size(global_batch_size, process_count)
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.map(EvalTransform(crop_size, resize_to, views))
   padded = eval_steps(len(source), global_batch_size, process_count) * local
@@ -241,8 +247,7 @@ def eval_dataset(source, *, global_batch_size: int, crop_size: int, process_inde
     pad = grain.MapDataset.range(padded - len(ds)).map(_Padding(crop_size, views))
     ds = grain.MapDataset.concatenate([ds, pad]) if len(ds) else pad
   ds = ds.batch(local, drop_remainder=True)
-  return finish(ds, workers=workers, read_threads=read_threads,
-                 prefetch_buffer=prefetch_buffer)
+  return finish(ds, workers=workers, read_threads=read_threads, prefetch_buffer=prefetch_buffer)
 
 
 class DevicePrefetch:
@@ -281,6 +286,6 @@ class DevicePrefetch:
 
   def close(self) -> None:
     self._queue.clear()
-    close = getattr(self._it, "close", None)
+    close = getattr(self._it, 'close', None)
     if close is not None:
       close()

@@ -25,8 +25,8 @@ import multiprocessing
 import os
 import warnings
 
-from absl import logging
 import numpy as np
+from absl import logging
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 from tqdm.auto import tqdm
@@ -34,12 +34,10 @@ from tqdm.auto import tqdm
 from alexnet_jax.data import augment, builtin, catalog, records, sources, statistics
 from alexnet_jax.errors import PrepareError
 
-
 FORMAT_VERSION = 1
 REPORT = 'prepare_report.json'
 PLAN = 'prepare_plan.json'
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (about 0.25 GB of RGB pixels)
-
 
 # ---------------------------------------------------------------------------
 # One file (runs in worker processes)
@@ -92,8 +90,10 @@ def _split_files(files, num_classes: int, val_fraction: float, seed: int):
 def _shards(split: str, files: list, examples_per_shard: int) -> list[dict]:
   n = max(1, math.ceil(len(files) / examples_per_shard))
   per = math.ceil(len(files) / n)
-  return [dict(name=f'{split}.array_record-{k:05d}-of-{n:05d}', files=files[k * per:(k + 1) * per])
-          for k in range(n)]
+  return [
+      dict(name=f'{split}.array_record-{k:05d}-of-{n:05d}', files=files[k * per:(k + 1) * per])
+      for k in range(n)
+  ]
 
 
 def make_plan(source: str, *, name: str, val_fraction: float | None, val_dir: str | None,
@@ -181,10 +181,9 @@ def _write_shard(directory: str, split: str, shard: dict, plan: dict, results, b
 
 
 def prepare(source: str, name: str, *, data_dir: str | None = None,
-            val_fraction: float | None = None, val_dir: str | None = None,
-            image_size: int = 256, jpeg_quality: int = 90, examples_per_shard: int = 1024,
-            workers: int | None = None, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-            progress: bool = True) -> str:
+            val_fraction: float | None = None, val_dir: str | None = None, image_size: int = 256,
+            jpeg_quality: int = 90, examples_per_shard: int = 1024, workers: int | None = None,
+            seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> str:
   """Prepares ``source`` as ``{data_dir}/{name}``; returns that directory (see the module doc)."""
   if not name or os.sep in name or name.startswith('.') or name == builtin.NAME:
     raise PrepareError(f'--name={name!r}: give a plain folder name (not {builtin.NAME!r})')
@@ -214,15 +213,18 @@ def prepare(source: str, name: str, *, data_dir: str | None = None,
   else:
     _write_json(plan_path, plan)
 
-  todo = [(split, shard) for split, shards in plan['splits'].items() for shard in shards
-          if not (os.path.isfile(_done_path(directory, shard['name']))
-                  and os.path.isfile(os.path.join(directory, shard['name'])))]
+  todo = [(split, shard)
+          for split, shards in plan['splits'].items()
+          for shard in shards
+          if not (os.path.isfile(_done_path(directory, shard['name'])) and
+                  os.path.isfile(os.path.join(directory, shard['name'])))]
   total = sum(len(s['files']) for shards in plan['splits'].values() for s in shards)
   remaining = sum(len(shard['files']) for _, shard in todo)
   if workers is None:
     workers = os.cpu_count() or 1
   tasks = ((path, label, image_size, jpeg_quality, max_pixels)
-           for _, shard in todo for path, label in shard['files'])
+           for _, shard in todo
+           for path, label in shard['files'])
   pool = None
   if workers > 1 and remaining > 64:
     # spawn, not fork: the caller may run JAX (threads), which forking would break.
@@ -266,10 +268,11 @@ def _finish(directory: str, plan: dict) -> str:
                          f'{os.path.join(directory, REPORT)}')
     splits[split] = dict(num_examples=count, shards=[s['name'] for s in shards])
   num_bad = sum(len(v) for v in bad.values())
-  _write_json(os.path.join(directory, REPORT), dict(
-      source=plan['source'], val_dir=plan['val_dir'],
-      num_examples={k: v['num_examples'] for k, v in splits.items()},
-      num_skipped=num_bad, skipped={k: v for k, v in bad.items() if v}))
+  _write_json(
+      os.path.join(directory, REPORT),
+      dict(source=plan['source'], val_dir=plan['val_dir'],
+           num_examples={k: v['num_examples'] for k, v in splits.items()}, num_skipped=num_bad,
+           skipped={k: v for k, v in bad.items() if v}))
   statistics.save(acc.finalize(), os.path.join(directory, statistics.FILENAME))
   meta = dict(name=plan['name'], format_version=FORMAT_VERSION,
               num_classes=len(plan['class_names']), class_names=plan['class_names'],

@@ -20,27 +20,26 @@ import os
 import threading
 from typing import Any, SupportsIndex
 
-from absl import logging
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from PIL import Image
 
 from alexnet_jax.data.records import CorruptRecordError, decode_image_bytes, decode_record, load_rgb
 from alexnet_jax.errors import DatasetNotFoundError, TooManyBadRecordsError
 
 
-
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """Facts about one split of a data set, as a training loop needs them."""
   name: str
-  split: str            # the split actually read (may differ from the one asked for)
+  split: str  # the split actually read (may differ from the one asked for)
   num_examples: int
   num_classes: int
   class_names: tuple[str, ...]
   image_size: int | None = None  # stored side length when all images are square & equal
-  location: str = ""    # directory the data is read from
+  location: str = ''  # directory the data is read from
 
 
 class ImageSource:
@@ -92,7 +91,7 @@ class ImageSource:
     if index < 0:
       index += n
     if not 0 <= index < n:
-      raise IndexError(f"index {record_key} out of range for {n} records")
+      raise IndexError(f'index {record_key} out of range for {n} records')
     for probe in range(min(n, self._MAX_REPLACEMENT_PROBES)):
       i = (index + probe) % n
       try:
@@ -100,37 +99,37 @@ class ImageSource:
       except Exception as e:  # pylint: disable=broad-except
         self._note_bad(i, e)
         continue
-      return {"image": image, "label": np.int32(label)}
+      return {'image': image, 'label': np.int32(label)}
     raise TooManyBadRecordsError(
-        f"{self.info.name}/{self.info.split}: no readable record among "
-        f"{min(n, self._MAX_REPLACEMENT_PROBES)} consecutive records from index {index} "
-        f"(in {self.info.location})")
+        f'{self.info.name}/{self.info.split}: no readable record among '
+        f'{min(n, self._MAX_REPLACEMENT_PROBES)} consecutive records from index {index} '
+        f'(in {self.info.location})')
 
   def __repr__(self) -> str:
-    return (f"{type(self).__name__}(name={self.info.name!r}, split={self.info.split!r}, "
-            f"num_examples={self.info.num_examples}, location={self.info.location!r})")
+    return (f'{type(self).__name__}(name={self.info.name!r}, split={self.info.split!r}, '
+            f'num_examples={self.info.num_examples}, location={self.info.location!r})')
 
   # -- helpers --------------------------------------------------------------
   def _note_bad(self, index: int, error: BaseException) -> None:
-    message = f"{type(error).__name__}: {error}"
+    message = f'{type(error).__name__}: {error}'
     with self._lock:
       first_time = index not in self._bad
       self._bad[index] = message
       count = len(self._bad)
     if first_time:
-      logging.warning("%s/%s: skipping bad record %d (%s); %d bad so far, using the next one",
-                  self.info.name, self.info.split, index, message, count)
+      logging.warning('%s/%s: skipping bad record %d (%s); %d bad so far, using the next one',
+                      self.info.name, self.info.split, index, message, count)
     limit = self.max_bad_fraction * len(self)
     if count > limit:
       raise TooManyBadRecordsError(
-          f"{self.info.name}/{self.info.split}: {count} of {len(self)} records are "
-          f"unreadable, more than max_bad_fraction={self.max_bad_fraction:g}; the data in "
-          f"{self.info.location} looks damaged, re-prepare it (last error at record "
-          f"{index}: {message})")
+          f'{self.info.name}/{self.info.split}: {count} of {len(self)} records are '
+          f'unreadable, more than max_bad_fraction={self.max_bad_fraction:g}; the data in '
+          f'{self.info.location} looks damaged, re-prepare it (last error at record '
+          f'{index}: {message})')
 
   def __getstate__(self):
     state = self.__dict__.copy()
-    del state["_lock"]
+    del state['_lock']
     return state
 
   def __setstate__(self, state):
@@ -145,8 +144,8 @@ class ArrayRecordImageSource(ImageSource):
     self._records = grain.sources.ArrayRecordDataSource(list(paths))
     if len(self._records) != info.num_examples:
       raise CorruptRecordError(
-          f"{info.name}/{info.split}: shards hold {len(self._records)} records, metadata "
-          f"says {info.num_examples} (in {info.location}); delete the directory to regenerate")
+          f'{info.name}/{info.split}: shards hold {len(self._records)} records, metadata '
+          f'says {info.num_examples} (in {info.location}); delete the directory to regenerate')
     super().__init__(info, max_bad_fraction=max_bad_fraction)
 
   def _read(self, index: int) -> tuple[np.ndarray, int]:
@@ -161,8 +160,7 @@ class TfdsImageSource(ImageSource):
   """
 
   def __init__(self, builder_dir: str, tfds_split: str, image_key: str, label_key: str,
-               info: DatasetInfo, *, max_bad_fraction: float = 0.01,
-               min_side: int | None = None):
+               info: DatasetInfo, *, max_bad_fraction: float = 0.01, min_side: int | None = None):
     super().__init__(info, max_bad_fraction=max_bad_fraction)
     self._min_side = min_side
     self._builder_dir = builder_dir
@@ -177,9 +175,8 @@ class TfdsImageSource(ImageSource):
       with self._open_lock:
         if self._ds is None:
           builder = tfds.builder_from_directory(self._builder_dir)
-          self._ds = builder.as_data_source(
-              split=self._tfds_split,
-              decoders={self._image_key: tfds.decode.SkipDecoding()})
+          self._ds = builder.as_data_source(split=self._tfds_split,
+                                            decoders={self._image_key: tfds.decode.SkipDecoding()})
     return self._ds
 
   def __getitem__(self, record_key: SupportsIndex) -> dict[str, Any]:
@@ -194,15 +191,15 @@ class TfdsImageSource(ImageSource):
       if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
       if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise CorruptRecordError(f"image has dtype {image.dtype} shape {image.shape}")
+        raise CorruptRecordError(f'image has dtype {image.dtype} shape {image.shape}')
     else:
       image = decode_image_bytes(bytes(data), self._min_side)
     return image, int(example[self._label_key])
 
   def __getstate__(self):
     state = super().__getstate__()
-    state["_ds"] = None
-    del state["_open_lock"]
+    state['_ds'] = None
+    del state['_open_lock']
     return state
 
   def __setstate__(self, state):
@@ -216,7 +213,7 @@ class FolderImageSource(ImageSource):
 
   def __init__(self, root: str, *, max_bad_fraction: float = 0.01, min_side: int | None = None):
     class_names, files = list_class_folder(root)
-    info = DatasetInfo(name=os.path.basename(os.path.normpath(root)), split="train",
+    info = DatasetInfo(name=os.path.basename(os.path.normpath(root)), split='train',
                        num_examples=len(files), num_classes=len(class_names),
                        class_names=tuple(class_names), location=root)
     super().__init__(info, max_bad_fraction=max_bad_fraction)
@@ -237,19 +234,19 @@ def list_class_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
   files and folders (starting with '.') are ignored.
   """
   if not os.path.isdir(root):
-    raise DatasetNotFoundError(f"{root} is not a directory")
-  class_names = sorted(d for d in os.listdir(root)
-                       if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+    raise DatasetNotFoundError(f'{root} is not a directory')
+  class_names = sorted(
+      d for d in os.listdir(root) if not d.startswith('.') and os.path.isdir(os.path.join(root, d)))
   if not class_names:
     raise DatasetNotFoundError(
-        f"{root} has no class subfolders: expected {root}/<class name>/<image files>")
+        f'{root} has no class subfolders: expected {root}/<class name>/<image files>')
   files = []
   for label, name in enumerate(class_names):
     for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
-      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+      dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
       rel = os.path.relpath(dirpath, root)
-      files.extend((os.path.join(rel, f), label) for f in sorted(filenames)
-                   if not f.startswith("."))
+      files.extend(
+          (os.path.join(rel, f), label) for f in sorted(filenames) if not f.startswith('.'))
   if not files:
-    raise DatasetNotFoundError(f"the class subfolders of {root} hold no files")
+    raise DatasetNotFoundError(f'the class subfolders of {root} hold no files')
   return class_names, files

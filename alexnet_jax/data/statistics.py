@@ -17,13 +17,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from absl import logging
 import grain
 import numpy as np
+from absl import logging
 from tqdm.auto import tqdm
 
 from alexnet_jax.data import augment, pipeline
-
 
 FILENAME = 'statistics.npz'
 _SHIFT = 128.0
@@ -31,11 +30,11 @@ _SHIFT = 128.0
 
 @dataclasses.dataclass(frozen=True)
 class Statistics:
-  mean_image: np.ndarray   # float32 (S, S, 3), 0-255 units
-  rgb_mean: np.ndarray     # float64 (3,)
-  rgb_cov: np.ndarray      # float64 (3, 3), over all pixels of all images
-  eigvals: np.ndarray      # float64 (3,), descending, variances (0-255 units squared)
-  eigvecs: np.ndarray      # float64 (3, 3), eigenvectors as columns, matching eigvals
+  mean_image: np.ndarray  # float32 (S, S, 3), 0-255 units
+  rgb_mean: np.ndarray  # float64 (3,)
+  rgb_cov: np.ndarray  # float64 (3, 3), over all pixels of all images
+  eigvals: np.ndarray  # float64 (3,), descending, variances (0-255 units squared)
+  eigvecs: np.ndarray  # float64 (3, 3), eigenvectors as columns, matching eigvals
   num_images: int
 
   @property
@@ -91,10 +90,9 @@ class Accumulator:
     eigvals, eigvecs = eigvals[order], eigvecs[:, order]
     # A sign convention, so that the same data always gives the same vectors.
     eigvecs = eigvecs * np.where(eigvecs.sum(axis=0) < 0, -1.0, 1.0)
-    return Statistics(
-        mean_image=(self.sum_image / self.count + _SHIFT).astype(np.float32),
-        rgb_mean=centred_mean + _SHIFT, rgb_cov=cov, eigvals=eigvals, eigvecs=eigvecs,
-        num_images=self.count)
+    return Statistics(mean_image=(self.sum_image / self.count + _SHIFT).astype(np.float32),
+                      rgb_mean=centred_mean + _SHIFT, rgb_cov=cov, eigvals=eigvals, eigvecs=eigvecs,
+                      num_images=self.count)
 
 
 def neutral(size: int, mean_rgb, std_rgb) -> Statistics:
@@ -102,9 +100,9 @@ def neutral(size: int, mean_rgb, std_rgb) -> Statistics:
   tools that compile or time the step without a data set."""
   var = np.square(np.asarray(std_rgb, np.float64))
   return Statistics(
-      mean_image=np.broadcast_to(np.asarray(mean_rgb, np.float32), (size, size, 3)).copy(),
-      rgb_mean=np.asarray(mean_rgb, np.float64), rgb_cov=np.diag(var), eigvals=var,
-      eigvecs=np.eye(3), num_images=0)
+      mean_image=np.broadcast_to(np.asarray(mean_rgb, np.float32),
+                                 (size, size, 3)).copy(), rgb_mean=np.asarray(mean_rgb, np.float64),
+      rgb_cov=np.diag(var), eigvals=var, eigvecs=np.eye(3), num_images=0)
 
 
 def save(stats: Statistics, path: str) -> None:
@@ -164,13 +162,13 @@ def ensure(source, size: int, *, progress: bool = True, workers: int = 0) -> Sta
     if stats.size == size:
       return stats
     logging.warning('%s holds statistics of %dpx images, %dpx are needed: recomputing', path,
-                stats.size, size)
+                    stats.size, size)
   logging.info('computing the mean image and RGB PCA of %s (one pass, stored in %s)',
-           source.info.location, path)
+               source.info.location, path)
   stats = compute(source, size, progress=progress, workers=workers)
   try:
     save(stats, path)
   except OSError as e:
     logging.warning('cannot store the statistics in %s (%s); they will be recomputed next time',
-                path, e)
+                    path, e)
   return stats

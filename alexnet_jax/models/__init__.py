@@ -19,8 +19,10 @@ from alexnet_jax.models.resnet import ResNet, ResNetSpec
 from alexnet_jax.models.vgg import VGG, VGGSpec
 from alexnet_jax.models.zfnet import ZFNet, ZFNetSpec
 
-__all__ = ['Classifier', 'ModelOutput', 'Spec', 'REGISTRY', 'spec_defaults', 'spec_from_config',
-           'create_model']
+__all__ = [
+    'Classifier', 'ModelOutput', 'Spec', 'REGISTRY', 'spec_defaults', 'spec_from_config',
+    'create_model'
+]
 
 
 class Entry(NamedTuple):

@@ -11,8 +11,8 @@
 | fc7   | dense             | 4096 | both towers | 1         | ReLU, dropout 0.5          |
 | fc8   | dense             | 1000 | both towers | 0         | (softmax in the loss)      |
 
-With ``towers=1`` the same widths form the dense one-tower network. Input 227 (the paper's "224" only
-gives its 55×55 first layer with 227). ``width`` scales every layer for small demos and tests.
+With ``towers=1`` the same widths form the dense one-tower network. Input 227 (the paper's "224"
+only gives its 55×55 first layer with 227). ``width`` scales every layer for small demos and tests.
 
 ``hybrid=True`` is Krizhevsky's "one weird trick" (2014): the convolutional layers are the dense
 one-tower network, replicated, each tower computing them for its own share of the examples (data
@@ -62,8 +62,11 @@ class AlexNetSpec:
     t = self.towers
     widths = {name: layers.scaled_width(w, self.width, t) for name, w in PAPER_WIDTHS.items()}
     if self.hybrid:  # the convolutions are one tower
-      widths.update({n: layers.scaled_width(w, self.width) for n, w in PAPER_WIDTHS.items()
-                     if n.startswith('conv')})
+      widths.update({
+          n: layers.scaled_width(w, self.width)
+          for n, w in PAPER_WIDTHS.items()
+          if n.startswith('conv')
+      })
     return widths
 
   def map_sizes(self) -> dict[str, int]:
@@ -72,7 +75,8 @@ class AlexNetSpec:
     conv1 = (self.image_size - 11) // 4 + 1
     conv2 = pooled(conv1)
     conv3 = pooled(conv2)
-    return dict(conv1=conv1, conv2=conv2, conv3=conv3, conv4=conv3, conv5=conv3, pool5=pooled(conv3))
+    return dict(conv1=conv1, conv2=conv2, conv3=conv3, conv4=conv3, conv5=conv3,
+                pool5=pooled(conv3))
 
   def validate(self) -> None:
     if self.init not in ('paper', 'he'):
@@ -81,10 +85,11 @@ class AlexNetSpec:
       raise ConfigError(f'model.towers must be at least 1, got {self.towers}')
     if self.num_classes % self.towers:
       raise ConfigError(f'model.num_classes={self.num_classes} must be divisible by model.towers='
-                       f'{self.towers}: fc8 splits its outputs between the towers')
+                        f'{self.towers}: fc8 splits its outputs between the towers')
     if self.map_sizes()['pool5'] < 1:
-      raise ConfigError(f'model.image_size={self.image_size} is too small for AlexNet: the smallest '
-                       'input with a 1x1 pool5 is 67')
+      raise ConfigError(
+          f'model.image_size={self.image_size} is too small for AlexNet: the smallest '
+          'input with a 1x1 pool5 is 67')
 
 
 class AlexNet(Classifier):
@@ -100,16 +105,16 @@ class AlexNet(Classifier):
     # Hybrid: one replicated tower of convolutions (conv3 then reads "all" of its only tower).
     conv_towers = dict(towers=1, tower_axis=None) if spec.hybrid else dict(towers=t)
     conv = lambda cin, cout, k, reads, stride=1, pad=0, bias=0.0: TowerConv(
-        cin, cout, k, reads=reads, stride=stride, padding=pad, weight_std=std, bias_init=bias,
-        rngs=rngs, **conv_towers)
+        cin, cout, k, reads=reads, stride=stride, padding=pad, weight_std=std, bias_init=bias, rngs=
+        rngs, **conv_towers)
     self.conv1 = conv(3, w['conv1'], 11, 'input', stride=4)
     self.conv2 = conv(w['conv1'], w['conv2'], 5, 'own', pad=2, bias=one)
     self.conv3 = conv(w['conv2'], w['conv3'], 3, 'own' if spec.hybrid else 'all', pad=1)
     self.conv4 = conv(w['conv3'], w['conv4'], 3, 'own', pad=1, bias=one)
     self.conv5 = conv(w['conv4'], w['conv5'], 3, 'own', pad=1, bias=one)
-    flat = spec.map_sizes()['pool5'] ** 2 * w['conv5']
+    flat = spec.map_sizes()['pool5']**2 * w['conv5']
     dense = lambda cin, cout, bias: TowerDense(cin, cout, towers=t, weight_std=std, bias_init=bias,
-                                                rngs=rngs)
+                                               rngs=rngs)
     self.fc6 = TowerDense(flat, w['fc6'], towers=t, reads='input' if spec.hybrid else 'all',
                           weight_std=std, bias_init=one, rngs=rngs)
     self.fc7 = dense(w['fc6'], w['fc7'], one)
@@ -120,9 +125,10 @@ class AlexNet(Classifier):
       return x
     return layers.local_response_norm(x, alpha_divided_by_n=self.spec.lrn_alpha_divided_by_n)
 
-  def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None,
-               exchange: TowerExchange = LOCAL_TOWERS, gather_logits: bool = True,
-               capture: bool = False, deconv: bool = False) -> ModelOutput:
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               dropout_key: jax.Array | None = None, exchange: TowerExchange = LOCAL_TOWERS,
+               gather_logits: bool = True, capture: bool = False,
+               deconv: bool = False) -> ModelOutput:
     """See ``Classifier.__call__``. With ``deconv=True`` ReLUs rectify the signal coming down and
     LRN passes it unchanged (``alexnet_jax.visualize.deconvnet``)."""
     acts = {}

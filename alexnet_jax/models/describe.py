@@ -36,16 +36,16 @@ def layer_table(config) -> dict:
   towers = spec_from_config(config.model).towers
   model_devices = int(config.mesh.model)
   per_device = towers // model_devices if towers % model_devices == 0 else None
-  count = lambda module: sum(int(np.prod(p.shape))
-                             for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
+  count = lambda module: sum(
+      int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
   # One row per layer, with its batch norm ``<layer>_bn`` where it has one. Layers that are not run
   # at evaluation (GoogLeNet's auxiliary classifiers) have no row but count in the total.
   rows = []
   for name in model.layer_names:
     act = acts[name]
     layer = getattr(model, name)
-    params = count(layer) + (count(getattr(model, name + '_bn')) if hasattr(model, name + '_bn')
-                             else 0)
+    params = count(layer) + (count(getattr(model, name + '_bn')) if hasattr(model, name +
+                                                                            '_bn') else 0)
     local_towers, _, *dims, per_tower = act.shape
     shape = (*dims, local_towers * per_tower)
     kernel = getattr(layer, 'kernel', None)
@@ -57,10 +57,9 @@ def layer_table(config) -> dict:
       placement = f'{towers} towers'
     else:
       placement = ', '.join(f'tower {t}: model device {t // per_device}' for t in range(towers))
-    rows.append(dict(layer=name, output_shape=list(shape), neurons=int(np.prod(shape)),
-                     parameters=params, towers=towers,
-                     reads=_reads(layer, towers),
-                     placement=placement))
+    rows.append(
+        dict(layer=name, output_shape=list(shape), neurons=int(np.prod(shape)), parameters=params,
+             towers=towers, reads=_reads(layer, towers), placement=placement))
   return dict(model=config.model.name, image_size=size, input_neurons=size * size * 3,
               towers=towers, mesh_model_axis=model_devices, layers=rows,
               total_neurons=sum(r['neurons'] for r in rows), total_parameters=count(model))

@@ -3,12 +3,12 @@ normalisation after the stem's convolutions, 5×5 branches, two auxiliary classi
 
 Stem: conv1 7×7/2 (64) → max-pool 3/2 → LRN → conv2_reduce 1×1 (64) → conv2 3×3 (192) → LRN →
 max-pool 3/2; inception 3a, 3b → max-pool 3/2; 4a–4e → max-pool 3/2; 5a, 5b → global average pool →
-dropout 0.4 → fc. Max-pools round their output size up (224 → 112 → 56 → 28 → 14 → 7). Each inception
-module concatenates four branches: 1×1; 1×1 reduce → 3×3; 1×1 reduce → 5×5; 3×3/1 max-pool → 1×1
-projection (widths from the paper's Table 1). Auxiliary classifiers after 4a and 4d: average-pool
-5/3 → 1×1 conv (128) → fc 1024 → dropout 0.7 → fc classes; in training their losses are added with
-weight 0.3 (``aux_loss_weight``), at evaluation they are not run. Every convolution and fc is
-followed by ReLU (except the classifiers' last fc).
+dropout 0.4 → fc. Max-pools round their output size up (224 → 112 → 56 → 28 → 14 → 7). Each
+inception module concatenates four branches: 1×1; 1×1 reduce → 3×3; 1×1 reduce → 5×5; 3×3/1 max-pool
+→ 1×1 projection (widths from the paper's Table 1). Auxiliary classifiers after 4a and 4d:
+average-pool 5/3 → 1×1 conv (128) → fc 1024 → dropout 0.7 → fc classes; in training their losses are
+added with weight 0.3 (``aux_loss_weight``), at evaluation they are not run. Every convolution and
+fc is followed by ReLU (except the classifiers' last fc).
 
 The paper gives no initialisation (it trained on DistBelief); ``init='xavier'`` is that of the
 reference Caffe model (bvlc_googlenet: variance 1/fan_in, biases 0.2), ``'he'`` N(0, 2/fan_in).
@@ -30,15 +30,19 @@ from alexnet_jax.models.layers import LOCAL_TOWERS, ONE_TOWER, TowerConv, TowerD
 
 # #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj (Table 1).
 INCEPTION = {
-    '3a': (64, 96, 128, 16, 32, 32), '3b': (128, 128, 192, 32, 96, 64),
-    '4a': (192, 96, 208, 16, 48, 64), '4b': (160, 112, 224, 24, 64, 64),
-    '4c': (128, 128, 256, 24, 64, 64), '4d': (112, 144, 288, 32, 64, 64),
-    '4e': (256, 160, 320, 32, 128, 128), '5a': (256, 160, 320, 32, 128, 128),
+    '3a': (64, 96, 128, 16, 32, 32),
+    '3b': (128, 128, 192, 32, 96, 64),
+    '4a': (192, 96, 208, 16, 48, 64),
+    '4b': (160, 112, 224, 24, 64, 64),
+    '4c': (128, 128, 256, 24, 64, 64),
+    '4d': (112, 144, 288, 32, 64, 64),
+    '4e': (256, 160, 320, 32, 128, 128),
+    '5a': (256, 160, 320, 32, 128, 128),
     '5b': (384, 192, 384, 48, 128, 128),
 }
 AUX_AFTER = ('4a', '4d')
-POOL_BEFORE = ('3a', '4a', '5a')  # a 3/2 max-pool precedes these modules (the stem's second pool
-                                   # precedes 3a)
+# A 3/2 max-pool precedes these modules (the stem's second pool precedes 3a).
+POOL_BEFORE = ('3a', '4a', '5a')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,18 +78,18 @@ class GoogLeNetSpec:
       smallest = next(s for s in range(self.image_size, 1000)
                       if dataclasses.replace(self, image_size=s).map_sizes()['stage4'] >= 5)
       raise ConfigError(f'model.image_size={self.image_size} is too small for the auxiliary heads '
-                       f'(their 5x5 average pool needs 4a maps of at least 5x5: an input of at '
-                       f'least {smallest}); use a larger image or model.aux_heads=False')
+                        f'(their 5x5 average pool needs 4a maps of at least 5x5: an input of at '
+                        f'least {smallest}); use a larger image or model.aux_heads=False')
 
 
 def _conv(cin, cout, k, spec, rngs, *, reads='own', stride=1):
-  std = (1.0 / (k * k * cin)) ** 0.5 if spec.init == 'xavier' else None
+  std = (1.0 / (k * k * cin))**0.5 if spec.init == 'xavier' else None
   return TowerConv(cin, cout, k, **ONE_TOWER, reads=reads, stride=stride, padding=k // 2,
                    weight_std=std, bias_init=0.2 if spec.init == 'xavier' else 0.0, rngs=rngs)
 
 
 def _dense(fin, fout, spec, rngs):
-  std = (1.0 / fin) ** 0.5 if spec.init == 'xavier' else None
+  std = (1.0 / fin)**0.5 if spec.init == 'xavier' else None
   return TowerDense(fin, fout, **ONE_TOWER, weight_std=std,
                     bias_init=0.2 if spec.init == 'xavier' else 0.0, rngs=rngs)
 
@@ -146,14 +150,16 @@ class GoogLeNet(Classifier):
       cin = module.out_features
       if spec.aux_heads and name in AUX_AFTER:
         setattr(self, f'aux{AUX_AFTER.index(name) + 1}',
-                AuxHead(cin, spec.map_sizes()['stage4'], spec, rngs))
+                AuxHead(cin,
+                        spec.map_sizes()['stage4'], spec, rngs))
     self.fc = _dense(cin, spec.num_classes, spec, rngs)
     self.layer_names = ('conv1', 'conv2_reduce', 'conv2', *('inception' + n for n in INCEPTION),
                         'fc')
 
-  def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None,
-               exchange: TowerExchange = LOCAL_TOWERS, gather_logits: bool = True,
-               capture: bool = False, deconv: bool = False) -> ModelOutput:
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               dropout_key: jax.Array | None = None, exchange: TowerExchange = LOCAL_TOWERS,
+               gather_logits: bool = True, capture: bool = False,
+               deconv: bool = False) -> ModelOutput:
     """See ``Classifier.__call__`` (one tower: a leading tower axis of 1). In training with
     auxiliary heads ``aux_logits`` holds theirs (after 4a, 4d). No deconvnet yet."""
     self._check_deconv(deconv)

@@ -89,9 +89,9 @@ def local_response_norm(x: jax.Array, *, k: float = 2.0, n: int = 5, alpha: floa
     alpha = alpha / n
   c = x.shape[-1]
   channel = jnp.arange(c)
-  lo, hi = n // 2, n - 1 - n // 2   # the window of map c is [c - lo, c + hi]
-  window = ((channel[None, :] - channel[:, None] <= lo)
-            & (channel[:, None] - channel[None, :] <= hi)).astype(x.dtype)
+  lo, hi = n // 2, n - 1 - n // 2  # the window of map c is [c - lo, c + hi]
+  window = ((channel[None, :] - channel[:, None] <= lo) &
+            (channel[:, None] - channel[None, :] <= hi)).astype(x.dtype)
   denom = k + alpha * jnp.einsum('...c,cd->...d', jnp.square(x), window)
   if beta == 0.75:  # the paper's value: two square roots beat a general power on every backend
     return x * jax.lax.rsqrt(denom * jnp.sqrt(denom))
@@ -106,7 +106,8 @@ def _pool_windows(x: jax.Array, window: int, stride: int):
   out_w = (w - window) // stride + 1
   for i in range(window):
     for j in range(window):
-      yield i, j, x[..., i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
+      yield i, j, x[..., i:i + stride * (out_h - 1) + 1:stride,
+                    j:j + stride * (out_w - 1) + 1:stride, :]
 
 
 def _pool_by_slices(x: jax.Array, window: int, stride: int) -> jax.Array:
@@ -252,9 +253,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Ar
   whose strided-convolution kernels (and their weight gradients) are 2-3x slower than that."""
   if stride > 1 and jax.default_backend() == 'cpu':
     return conv2d_as_matmul(x, kernel, stride, padding)
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(stride, stride), padding=[(padding, padding)] * 2,
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return jax.lax.conv_general_dilated(x, kernel, window_strides=(stride, stride),
+                                      padding=[(padding, padding)] * 2,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
 def conv2d_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -264,16 +265,18 @@ def conv2d_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int)
     x = jnp.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
   out_h = (x.shape[1] - kh) // stride + 1
   out_w = (x.shape[2] - kw) // stride + 1
-  patches = jnp.concatenate(
-      [x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
-       for i in range(kh) for j in range(kw)], axis=-1)
+  patches = jnp.concatenate([
+      x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
+      for i in range(kh)
+      for j in range(kw)
+  ], axis=-1)
   return jnp.einsum('nhwk,ko->nhwo', patches, kernel.reshape(kh * kw * cin, cout))
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float | None, fan_in: int) -> jax.Array:
   """N(0, std²); ``std=None``: He et al.'s sqrt(2 / fan_in)."""
   if std is None:
-    std = (2.0 / fan_in) ** 0.5
+    std = (2.0 / fan_in)**0.5
   return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 
 
@@ -303,8 +306,9 @@ class TowerConv(nnx.Module):
     # tower_axis=None: a one-tower layer whose parameters every device of the model axis holds.
     self.kernel = nnx.Param(_normal(rngs, shape, weight_std, fan_in=int(np.prod(shape[1:-1]))),
                             **_tower_sharding(tower_axis, 5))
-    self.bias = nnx.Param(jnp.full((towers, out_features // towers), bias_init, jnp.float32),
-                          **_tower_sharding(tower_axis, 2)) if use_bias else None
+    self.bias = nnx.Param(jnp.full(
+        (towers, out_features //
+         towers), bias_init, jnp.float32), **_tower_sharding(tower_axis, 2)) if use_bias else None
     self.reads, self.stride, self.padding = reads, stride, padding
 
   def __call__(self, x: jax.Array, exchange: TowerExchange = LOCAL_TOWERS) -> jax.Array:
@@ -317,8 +321,10 @@ class TowerConv(nnx.Module):
     # into towers is a transpose, which XLA's CPU backend fuses into the backward pass as a
     # cache-hostile transposed write (conv1 of the two-tower AlexNet: ~0.1 s a step).
     tower_input = (lambda t: x[t]) if self.reads == 'own' else (lambda t: x)
-    y = jnp.stack([conv2d(tower_input(t), kernel[t].astype(x.dtype), self.stride, self.padding)
-                   for t in range(local_towers)])
+    y = jnp.stack([
+        conv2d(tower_input(t), kernel[t].astype(x.dtype), self.stride, self.padding)
+        for t in range(local_towers)
+    ])
     return y if self.bias is None else y + self.bias[...][:, None, None, None, :].astype(x.dtype)
 
 
@@ -338,9 +344,9 @@ class TowerDense(nnx.Module):
                tower_axis: str | None = TOWER, rngs: nnx.Rngs):
     if reads not in ('all', 'input'):
       raise ValueError(f'reads must be all or input, got {reads!r}')
-    self.kernel = nnx.Param(_normal(rngs, (towers, out_features // towers, in_features), weight_std,
-                                    fan_in=in_features),
-                            **_tower_sharding(tower_axis, 3))
+    self.kernel = nnx.Param(
+        _normal(rngs, (towers, out_features // towers, in_features), weight_std,
+                fan_in=in_features), **_tower_sharding(tower_axis, 3))
     self.bias = nnx.Param(jnp.full((towers, out_features // towers), bias_init, jnp.float32),
                           **_tower_sharding(tower_axis, 2))
     self.reads = reads

@@ -2,9 +2,9 @@
 
 Stem conv1 7×7/2 (64) → BN → ReLU → max-pool 3/2 (padding 1); stages conv2_x–conv5_x of residual
 blocks y = ReLU(F(x) + shortcut(x)) with 64, 128, 256, 512 base widths (×4 at a bottleneck's
-output), the first block of conv3_x–conv5_x halving the maps with stride 2; global average pool → fc.
-Batch norm after every convolution, convolutions without biases; the shortcut is the identity, or a
-1×1 convolution with batch norm where the shape changes (the paper's option B). As in the paper
+output), the first block of conv3_x–conv5_x halving the maps with stride 2; global average pool →
+fc. Batch norm after every convolution, convolutions without biases; the shortcut is the identity,
+or a 1×1 convolution with batch norm where the shape changes (the paper's option B). As in the paper
 (and its Caffe models) a bottleneck's stride sits on its first 1×1 convolution; ``stride_on_3x3``
 moves it to the 3×3 one (torchvision's "v1.5"); the parameter count is the same.
 
@@ -26,11 +26,18 @@ from alexnet_jax.errors import ConfigError
 from alexnet_jax.models import layers
 from alexnet_jax.models.contract import Classifier, ModelOutput
 from alexnet_jax.models.layers import (
-    LOCAL_TOWERS, ONE_TOWER, BatchNorm, TowerConv, TowerDense, TowerExchange)
+    LOCAL_TOWERS,
+    ONE_TOWER,
+    BatchNorm,
+    TowerConv,
+    TowerDense,
+    TowerExchange,
+)
 
-DEPTHS = {18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)),
-          50: ('bottleneck', (3, 4, 6, 3)), 101: ('bottleneck', (3, 4, 23, 3)),
-          152: ('bottleneck', (3, 8, 36, 3))}
+DEPTHS = {
+    18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)), 50: ('bottleneck', (3, 4, 6, 3)),
+    101: ('bottleneck', (3, 4, 23, 3)), 152: ('bottleneck', (3, 8, 36, 3))
+}
 STAGE_WIDTHS = (64, 128, 256, 512)
 
 
@@ -52,10 +59,10 @@ class ResNetSpec:
   def validate(self) -> None:
     if self.depth not in DEPTHS:
       raise ConfigError(f'unknown model.depth={self.depth} for ResNet; choose one of '
-                       f'{", ".join(map(str, DEPTHS))}')
+                        f'{", ".join(map(str, DEPTHS))}')
     if self.image_size < 32:
       raise ConfigError(f'model.image_size={self.image_size} is too small for ResNet: its five '
-                       'halvings need at least 32')
+                        'halvings need at least 32')
 
 
 def _conv(cin, cout, k, rngs, *, stride=1, reads='own'):
@@ -115,9 +122,10 @@ class ResNet(Classifier):
     self.layer_names = ('conv1', *names, 'fc')
     self.fc = TowerDense(cin, spec.num_classes, **ONE_TOWER, weight_std=0.01, rngs=rngs)
 
-  def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None,
-               exchange: TowerExchange = LOCAL_TOWERS, gather_logits: bool = True,
-               capture: bool = False, deconv: bool = False) -> ModelOutput:
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               dropout_key: jax.Array | None = None, exchange: TowerExchange = LOCAL_TOWERS,
+               gather_logits: bool = True, capture: bool = False,
+               deconv: bool = False) -> ModelOutput:
     """See ``Classifier.__call__`` (one tower: a leading tower axis of 1); the activations are the
     stem's and every block's output after ReLU. No dropout, no deconvnet (the paper defines none
     through batch norm and residual sums)."""

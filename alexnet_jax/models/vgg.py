@@ -3,10 +3,11 @@
 Five stages of convolutions (stride 1, padding 1 for 3×3 and 0 for 1×1) with 64, 128, 256, 512, 512
 maps, each followed by a 2×2 max-pool of stride 2; then fc6, fc7 (4096, ReLU, dropout 0.5) and fc8.
 Configuration C ends stages 3–5 with a 1×1 convolution where D has a 3×3 one; A-LRN normalises the
-responses of conv1_1 (AlexNet's normalisation). Weights N(0, 0.01) and zero biases (``init='paper'``,
-how the paper trained A), or Glorot's initialisation, which the paper notes trains the deeper
-configurations without pre-training (``init='glorot'``). ``batch_norm=True`` inserts batch norm
-between each convolution and its ReLU (keeping the convolution's bias, as torchvision's ``vgg*_bn``).
+responses of conv1_1 (AlexNet's normalisation). Weights N(0, 0.01) and zero biases
+(``init='paper'``, how the paper trained A), or Glorot's initialisation, which the paper notes
+trains the deeper configurations without pre-training (``init='glorot'``). ``batch_norm=True``
+inserts batch norm between each convolution and its ReLU (keeping the convolution's bias, as
+torchvision's ``vgg*_bn``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from alexnet_jax.errors import ConfigError
 from alexnet_jax.models import layers
 from alexnet_jax.models.contract import Classifier, ModelOutput
 from alexnet_jax.models.layers import (
-    LOCAL_TOWERS, ONE_TOWER, BatchNorm, TowerConv, TowerDense, TowerExchange)
+    LOCAL_TOWERS,
+    ONE_TOWER,
+    BatchNorm,
+    TowerConv,
+    TowerDense,
+    TowerExchange,
+)
 
 STAGE_WIDTHS = (64, 128, 256, 512, 512)
 # Kernel sizes of each stage's convolutions.
@@ -44,7 +51,7 @@ class VGGSpec:
   width: float = 1.0
   dropout: float = 0.5
   weight_std: float = 0.01
-  init: str = 'paper'   # 'paper': N(0, weight_std); 'glorot': Glorot normal; 'he': N(0, 2/fan_in)
+  init: str = 'paper'  # 'paper': N(0, weight_std); 'glorot': Glorot normal; 'he': N(0, 2/fan_in)
 
   towers: ClassVar[int] = 1  # one dense tower
   splits_batch_over_towers: ClassVar[bool] = False
@@ -59,12 +66,12 @@ class VGGSpec:
   def validate(self) -> None:
     if self.variant not in VARIANTS:
       raise ConfigError(f'unknown model.variant {self.variant!r} for VGG; choose one of '
-                       f'{", ".join(VARIANTS)}')
+                        f'{", ".join(VARIANTS)}')
     if self.init not in ('paper', 'glorot', 'he'):
       raise ConfigError(f"model.init must be 'paper', 'glorot' or 'he', got {self.init!r}")
     if self.image_size < 32:
       raise ConfigError(f'model.image_size={self.image_size} is too small for VGG: five 2x2 '
-                       'poolings need at least 32')
+                        'poolings need at least 32')
 
 
 class VGG(Classifier):
@@ -76,25 +83,27 @@ class VGG(Classifier):
     self.layer_names = (*(name for name, _, _ in spec.convs()), 'fc6', 'fc7', 'fc8')
 
     def std(fan_in, fan_out):
-      return dict(paper=spec.weight_std, glorot=(2.0 / (fan_in + fan_out)) ** 0.5, he=None)[spec.init]
+      return dict(paper=spec.weight_std, glorot=(2.0 / (fan_in + fan_out))**0.5, he=None)[spec.init]
 
     cin = 3
     for name, k, cout in spec.convs():
-      setattr(self, name, TowerConv(cin, cout, k, **ONE_TOWER, reads='input' if cin == 3 else 'own',
-                                    padding=k // 2, weight_std=std(k * k * cin, k * k * cout),
-                                    rngs=rngs))
+      setattr(
+          self, name,
+          TowerConv(cin, cout, k, **ONE_TOWER, reads='input' if cin == 3 else 'own', padding=k // 2,
+                    weight_std=std(k * k * cin, k * k * cout), rngs=rngs))
       if spec.batch_norm:
         setattr(self, name + '_bn', BatchNorm(cout))
       cin = cout
-    fin = (spec.image_size // 32) ** 2 * cin
+    fin = (spec.image_size // 32)**2 * cin
     fc_width = layers.scaled_width(4096, spec.width)
     for name, out in (('fc6', fc_width), ('fc7', fc_width), ('fc8', spec.num_classes)):
       setattr(self, name, TowerDense(fin, out, **ONE_TOWER, weight_std=std(fin, out), rngs=rngs))
       fin = out
 
-  def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None,
-               exchange: TowerExchange = LOCAL_TOWERS, gather_logits: bool = True,
-               capture: bool = False, deconv: bool = False) -> ModelOutput:
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               dropout_key: jax.Array | None = None, exchange: TowerExchange = LOCAL_TOWERS,
+               gather_logits: bool = True, capture: bool = False,
+               deconv: bool = False) -> ModelOutput:
     """See ``Classifier.__call__`` (one tower: a leading tower axis of 1); ``deconv`` as
     ``AlexNet``'s."""
     acts = {}

@@ -18,8 +18,8 @@ is the response normalisation of AlexNet (``layers.local_response_norm``). Initi
 N(0, 0.01), biases 0. The paper's ablations are knobs: ``remove`` drops conv3/conv4 (3, 4) and fc6 /
 fc7 (6, 7); ``conv_widths`` and ``fc_width`` change the widths of conv3–5 and fc6–7.
 
-All layers are one tower (``towers=1``: a leading tower axis of size 1, as the one-tower AlexNet), so
-the steps, the summary and the visualisations treat ZFNet and AlexNet alike.
+All layers are one tower (``towers=1``: a leading tower axis of size 1, as the one-tower AlexNet),
+so the steps, the summary and the visualisations treat ZFNet and AlexNet alike.
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ class ZFNetSpec:
   num_classes: int = 1000
   image_size: int = 224
   width: float = 1.0
-  conv_widths: tuple[int, int, int] = (384, 384, 256)   # conv3, conv4, conv5
-  fc_width: int = 4096                                  # fc6 and fc7
-  remove: tuple[int, ...] = ()                          # ablation: layers among 3, 4, 6, 7
+  conv_widths: tuple[int, int, int] = (384, 384, 256)  # conv3, conv4, conv5
+  fc_width: int = 4096  # fc6 and fc7
+  remove: tuple[int, ...] = ()  # ablation: layers among 3, 4, 6, 7
   lrn: bool = True
   dropout: float = 0.5
   weight_std: float = 0.01
-  init: str = 'paper'   # 'paper': N(0, weight_std), biases 0; 'he': N(0, 2/fan_in), for small nets
+  init: str = 'paper'  # 'paper': N(0, weight_std), biases 0; 'he': N(0, 2/fan_in), for small nets
 
   towers: ClassVar[int] = 1  # one dense tower
   splits_batch_over_towers: ClassVar[bool] = False
@@ -75,24 +75,28 @@ class ZFNetSpec:
                 conv5=pool2, pool5=(pool2 - 3) // 2 + 1)
 
   def layer_names(self) -> list[str]:
-    return [n for i, n in enumerate(('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7',
-                                     'fc8'), 1) if i not in self.remove]
+    return [
+        n
+        for i, n in enumerate(('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8'), 1)
+        if i not in self.remove
+    ]
 
   def validate(self) -> None:
     if self.init not in ('paper', 'he'):
       raise ConfigError(f"model.init must be 'paper' or 'he', got {self.init!r}")
     bad = set(self.remove) - set(ABLATABLE)
     if bad:
-      raise ConfigError(f'model.remove={tuple(self.remove)}: only layers {ABLATABLE} can be removed '
-                       '(the paper removes 3,4 / 7 / 6,7 / 3,4,6,7)')
+      raise ConfigError(
+          f'model.remove={tuple(self.remove)}: only layers {ABLATABLE} can be removed '
+          '(the paper removes 3,4 / 7 / 6,7 / 3,4,6,7)')
     if len(self.conv_widths) != 3:
       raise ConfigError(f'model.conv_widths needs three widths (conv3, conv4, conv5), got '
-                       f'{tuple(self.conv_widths)}')
+                        f'{tuple(self.conv_widths)}')
     if self.map_sizes()['pool5'] < 1:
       smallest = next(s for s in range(self.image_size, 1000)
                       if dataclasses.replace(self, image_size=s).map_sizes()['pool5'] >= 1)
       raise ConfigError(f'model.image_size={self.image_size} is too small for ZFNet: the smallest '
-                       f'input with a 1x1 pool5 is {smallest}')
+                        f'input with a 1x1 pool5 is {smallest}')
 
 
 class ZFNet(Classifier):
@@ -110,11 +114,12 @@ class ZFNet(Classifier):
     cin = 3
     for name in convs:
       k, stride, pad = CONVS[name]
-      setattr(self, name, TowerConv(cin, w[name], k, **ONE_TOWER, reads='input' if name == 'conv1'
-                                    else 'own', stride=stride, padding=pad, weight_std=std,
-                                    rngs=rngs))
+      setattr(
+          self, name,
+          TowerConv(cin, w[name], k, **ONE_TOWER, reads='input' if name == 'conv1' else 'own',
+                    stride=stride, padding=pad, weight_std=std, rngs=rngs))
       cin = w[name]
-    fin = spec.map_sizes()['pool5'] ** 2 * cin
+    fin = spec.map_sizes()['pool5']**2 * cin
     for name in names[len(convs):]:
       out = spec.num_classes if name == 'fc8' else w[name]
       setattr(self, name, TowerDense(fin, out, **ONE_TOWER, weight_std=std, rngs=rngs))
@@ -123,9 +128,10 @@ class ZFNet(Classifier):
   def _lrn(self, x):
     return layers.local_response_norm(x) if self.spec.lrn else x
 
-  def __call__(self, images: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None,
-               exchange: TowerExchange = LOCAL_TOWERS, gather_logits: bool = True,
-               capture: bool = False, deconv: bool = False) -> ModelOutput:
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               dropout_key: jax.Array | None = None, exchange: TowerExchange = LOCAL_TOWERS,
+               gather_logits: bool = True, capture: bool = False,
+               deconv: bool = False) -> ModelOutput:
     """See ``Classifier.__call__`` (one tower: a leading tower axis of 1); ``deconv`` as
     ``AlexNet``'s."""
     acts = {}

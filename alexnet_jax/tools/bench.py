@@ -1,4 +1,7 @@
-"""Training throughput: ``python -m alexnet_jax.tools.bench --config=configs/two_gpu.py [--batch_size=64]``.
+"""Training throughput of the framework's step against a bare ``jax.jit`` step (and PyTorch):
+
+  python -m alexnet_jax.tools.bench --config=configs/two_gpu.py [--batch_size=64]
+
 
 Measures, in one run and on the same synthetic batch:
   1. the framework's training step (``program.build_program``: shard_map over the configured mesh,
@@ -51,8 +54,8 @@ def bare_step(graphdef, config, dtype, batch_stats=None, aux_loss_weight: float 
     def loss_fn(p):
       model = nnx.merge(graphdef, p, batch_stats or {})
       out = model(images, train=True, dropout_key=key)
-      ce = lambda l: optax.softmax_cross_entropy_with_integer_labels(
-          l.astype(jnp.float32), batch['label']).mean()
+      ce = lambda l: optax.softmax_cross_entropy_with_integer_labels(l.astype(jnp.float32), batch[
+          'label']).mean()
       return ce(out.logits) + sum(aux_loss_weight * ce(a) for a in out.aux_logits)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -101,20 +104,19 @@ def measure(config, *, batch_size: int, steps: int, warmup: int, repeats: int,
     bare_s.append(dt)
     if trainer is not None:
       torch_s.append(trainer.time_steps(steps))
-  result = dict(
-      model=config.model.name, towers=prog.spec.towers, batch_size=batch_size,
-      image_size=size, dtype=config.compute_dtype, mesh=dict(prog.mesh.shape),
-      device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
-      framework_images_per_second=batch_size / min(framework_s),
-      bare_jit_images_per_second=batch_size / min(bare_s),
-      step_gflops=flops / 1e9)
-  result['framework_vs_bare_jit'] = result['framework_images_per_second'] / result['bare_jit_images_per_second']
+  result = dict(model=config.model.name, towers=prog.spec.towers, batch_size=batch_size,
+                image_size=size, dtype=config.compute_dtype, mesh=dict(prog.mesh.shape),
+                device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
+                framework_images_per_second=batch_size / min(framework_s),
+                bare_jit_images_per_second=batch_size / min(bare_s), step_gflops=flops / 1e9)
+  result['framework_vs_bare_jit'] = result['framework_images_per_second'] / result[
+      'bare_jit_images_per_second']
   if torch_s:
     result['torch_eager_images_per_second'] = batch_size / min(torch_s)
-    result['framework_vs_torch_eager'] = (result['framework_images_per_second']
-                                          / result['torch_eager_images_per_second'])
-    result['bare_jit_vs_torch_eager'] = (result['bare_jit_images_per_second']
-                                         / result['torch_eager_images_per_second'])
+    result['framework_vs_torch_eager'] = (result['framework_images_per_second'] /
+                                          result['torch_eager_images_per_second'])
+    result['bare_jit_vs_torch_eager'] = (result['bare_jit_images_per_second'] /
+                                         result['torch_eager_images_per_second'])
   return result
 
 
@@ -124,8 +126,8 @@ def _torch_trainer(config, batch_size: int):
     return None
   m = config.model
   return bench_torch.TorchTrainer(towers=models.spec_from_config(m).towers, batch_size=batch_size,
-                                  image_size=m.image_size, num_classes=m.num_classes,
-                                  width=m.width, dtype=config.compute_dtype)
+                                  image_size=m.image_size, num_classes=m.num_classes, width=m.width,
+                                  dtype=config.compute_dtype)
 
 
 def main(argv):
@@ -161,7 +163,7 @@ def main(argv):
 def _define_flags() -> None:
   cli.define_tool_flags('Print one JSON object.')
   cli.define_huge_pages_flag()
-  flags.DEFINE_integer('batch_size', None, 'Global batch (default: the config\'s).')
+  flags.DEFINE_integer('batch_size', None, "Global batch (default: the config's).")
   flags.DEFINE_integer('steps', 5, 'Timed steps per measurement.')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
   flags.DEFINE_integer('repeats', 3, 'Alternating measurement rounds; the best is kept.')

@@ -1,4 +1,7 @@
-"""Input pipeline throughput: ``python -m alexnet_jax.tools.bench_input --data=NAME --data_dir=DIR --workers=N``.
+"""Input pipeline throughput:
+
+  python -m alexnet_jax.tools.bench_input --data=NAME --data_dir=DIR --workers=N
+
 
 Measures, in one run and interleaved (so drift on a noisy machine hits all alike), training
 images/s of:
@@ -16,8 +19,7 @@ never wait for the host.
 
 ``--make_folder=DIR --images=N`` writes an ImageNet-like folder (10 classes of JPEG crops of
 photos, 300-600 px sides) to benchmark with, then ``python -m alexnet_jax.tools.prepare`` prepares
-it.
-Timing only — the figures never gate a test.
+it. Timing only — the figures never gate a test.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from PIL import Image
 
 from alexnet_jax import cli, configs, distributed, program
 from alexnet_jax.data import catalog, inputs, pipeline, sources
-
 
 # ---------------------------------------------------------------------------
 # A folder to benchmark with
@@ -80,9 +81,9 @@ def _time_iterator(make_iter, batch_size: int, batches: int, warmup: int) -> flo
 
 
 def grain_iterator(source, *, batch_size: int, crop: int, workers: int, seed: int = 0):
-  return lambda: iter(pipeline.train_dataset(
-      source, global_batch_size=batch_size, crop_size=crop, seed=seed, workers=workers,
-      resize_to=256, pca_std=0.1))
+  return lambda: iter(
+      pipeline.train_dataset(source, global_batch_size=batch_size, crop_size=crop, seed=seed,
+                             workers=workers, resize_to=256, pca_std=0.1))
 
 
 class _PilFolder:
@@ -119,9 +120,15 @@ def torch_iterator(folder: str, *, batch_size: int, crop: int, workers: int):
   import torch  # noqa: PLC0415  (optional: the bench extra)
   try:
     from torchvision import datasets, transforms  # noqa: PLC0415  (optional dependency)
-    dataset = datasets.ImageFolder(folder, transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(256), transforms.RandomCrop(crop),
-        transforms.RandomHorizontalFlip(), transforms.PILToTensor()]))
+    dataset = datasets.ImageFolder(
+        folder,
+        transforms.Compose([
+            transforms.Resize(256),
+            transforms.CenterCrop(256),
+            transforms.RandomCrop(crop),
+            transforms.RandomHorizontalFlip(),
+            transforms.PILToTensor()
+        ]))
     what = 'torchvision ImageFolder + DataLoader'
   except Exception as e:  # pylint: disable=broad-except  (ImportError, or a wheel that fails to load)
     dataset = _PilFolder(folder, crop)
@@ -136,25 +143,25 @@ def torch_iterator(folder: str, *, batch_size: int, crop: int, workers: int):
     def endless():
       while True:
         yield from loader
+
     return endless()
 
   return make_iter, what
 
 
-def measure_pipelines(*, data: str | None, data_dir: str | None, folder: str | None,
-                      workers: int, batch_size: int, crop: int, batches: int, warmup: int,
-                      repeats: int, use_torch: bool) -> dict:
+def measure_pipelines(*, data: str | None, data_dir: str | None, folder: str | None, workers: int,
+                      batch_size: int, crop: int, batches: int, warmup: int, repeats: int,
+                      use_torch: bool) -> dict:
   runs = {}
   if data:
     cfg = configs.dataset_config(name=data, data_dir=data_dir)
-    runs['grain, prepared set'] = grain_iterator(
-        catalog.open_source(cfg, 'train', min_side=256), batch_size=batch_size, crop=crop,
-        workers=workers)
+    runs['grain, prepared set'] = grain_iterator(catalog.open_source(cfg, 'train', min_side=256),
+                                                 batch_size=batch_size, crop=crop, workers=workers)
   labels = {}
   if folder:
-    runs['grain, original JPEGs'] = grain_iterator(
-        sources.FolderImageSource(folder, min_side=256), batch_size=batch_size, crop=crop,
-        workers=workers)
+    runs['grain, original JPEGs'] = grain_iterator(sources.FolderImageSource(folder, min_side=256),
+                                                   batch_size=batch_size, crop=crop,
+                                                   workers=workers)
     if use_torch:
       try:
         make, what = torch_iterator(folder, batch_size=batch_size, crop=crop, workers=workers)
@@ -172,7 +179,9 @@ def measure_pipelines(*, data: str | None, data_dir: str | None, folder: str | N
                 torch_baseline=labels.get('torch, original JPEGs'))
   base = best.get('torch, original JPEGs')
   if base:
-    result['ratios_vs_torch'] = {k: v / base for k, v in best.items() if k != 'torch, original JPEGs'}
+    result['ratios_vs_torch'] = {
+        k: v / base for k, v in best.items() if k != 'torch, original JPEGs'
+    }
   return result
 
 
@@ -215,7 +224,8 @@ def measure_overlap(config, *, steps: int, warmup: int, repeats: int) -> dict:
     real_ips = max(real_ips, ips)
   return dict(fixed_batch_images_per_second=fixed_ips, pipeline_images_per_second=real_ips,
               overlap=real_ips / fixed_ips, batch_size=config.batch_size,
-              workers=config.input.workers, platform=jax.default_backend(), mesh=dict(prog.mesh.shape))
+              workers=config.input.workers, platform=jax.default_backend(),
+              mesh=dict(prog.mesh.shape))
 
 
 # ---------------------------------------------------------------------------
@@ -260,7 +270,7 @@ def _define_flags() -> None:
   cli.define_tool_flags()
   cli.define_huge_pages_flag()
   flags.DEFINE_string('data', None, 'A prepared set (or any set open_source knows).')
-  flags.DEFINE_string('data_dir', None, 'Where prepared sets live (default: TFDS\'s).')
+  flags.DEFINE_string('data_dir', None, "Where prepared sets live (default: TFDS's).")
   flags.DEFINE_string('folder', None, 'The original JPEG folder (class subfolders).')
   flags.DEFINE_integer('workers', 2, 'Worker processes, for grain and torch alike.')
   flags.DEFINE_integer('batch_size', 128, 'Batch size.')
@@ -268,7 +278,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer('batches', 20, 'Timed batches per measurement.')
   flags.DEFINE_integer('warmup', 3, 'Untimed batches first (worker start-up).')
   flags.DEFINE_integer('repeats', 2, 'Interleaved rounds; the best of each is kept.')
-  flags.DEFINE_bool('torch', True, 'Also time torch\'s DataLoader on --folder when installed.')
+  flags.DEFINE_bool('torch', True, "Also time torch's DataLoader on --folder when installed.")
   flags.DEFINE_bool('overlap', False, 'Measure the step fed by the pipeline vs a fixed batch '
                     '(needs --config).')
   flags.DEFINE_integer('steps', 20, 'Timed training steps per overlap measurement.')

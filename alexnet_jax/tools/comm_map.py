@@ -1,7 +1,7 @@
 """Which layers make devices talk: the cross-device collectives of the compiled training step.
 
     python -m alexnet_jax.tools.comm_map --config=configs/two_gpu.py [--json]
-    python -m alexnet_jax.tools.comm_map --config=configs/owt.py --compare   # three placements, 8 devices
+    python -m alexnet_jax.tools.comm_map --config=configs/owt.py --compare  # 3 placements, 8 GPUs
 
 Compiles the real training step for the configured mesh (``jax.jit(...).lower(...).compile()``, no
 data, no training) and lists every collective in the optimised HLO with the layer whose
@@ -24,13 +24,14 @@ from flax import nnx
 
 from alexnet_jax import cli, distributed, models, program, sharding
 
-
 KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'collective-permute', 'all-to-all')
 # The step's own named scopes (steps.py), after the model's layers.
 STEP_SCOPES = ('loss', 'metrics', 'optimizer')
 SCOPES = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8') + STEP_SCOPES  # AlexNet
-_DTYPE_BYTES = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'pred': 1, 's8': 1, 'u8': 1,
-                'f64': 8, 's64': 8, 'u64': 8}
+_DTYPE_BYTES = {
+    'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'pred': 1, 's8': 1, 'u8': 1, 'f64': 8,
+    's64': 8, 'u64': 8
+}
 _OP = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+ = (?P<shape>.+?) (?P<kind>' + '|'.join(KINDS) +
                  r')(?:-start)?\((?P<rest>.*)$')
 _ARRAY = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
@@ -38,17 +39,19 @@ _ARRAY = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
-  layer: str        # the named scope (conv3, fc6, loss, metrics, ...) or '?'
-  direction: str    # forward | backward
-  kind: str         # all-gather | all-reduce | reduce-scatter | ...
-  axis: str         # the mesh axis the replica groups span ('data', 'model', 'data+model')
-  bytes: int        # per device: the buffer the op produces
+  layer: str  # the named scope (conv3, fc6, loss, metrics, ...) or '?'
+  direction: str  # forward | backward
+  kind: str  # all-gather | all-reduce | reduce-scatter | ...
+  axis: str  # the mesh axis the replica groups span ('data', 'model', 'data+model')
+  bytes: int  # per device: the buffer the op produces
   op_name: str
 
 
 def _array_bytes(text: str) -> list[int]:
-  return [_DTYPE_BYTES[d] * int(np.prod([int(x) for x in dims.split(',') if x] or [1]))
-          for d, dims in _ARRAY.findall(text)]
+  return [
+      _DTYPE_BYTES[d] * int(np.prod([int(x) for x in dims.split(',') if x] or
+                                    [1])) for d, dims in _ARRAY.findall(text)
+  ]
 
 
 def _replica_groups(rest: str) -> list[list[int]]:
@@ -98,8 +101,7 @@ def _layer_of(op_name: str, scopes) -> tuple[str, str]:
   return '?', direction
 
 
-def parse_collectives(hlo_text: str, mesh_shape: dict[str, int],
-                      scopes=SCOPES) -> list[Collective]:
+def parse_collectives(hlo_text: str, mesh_shape: dict[str, int], scopes=SCOPES) -> list[Collective]:
   """Every collective of an optimised HLO module, one entry per (merged) element, attributed to
   the first of ``scopes`` (see ``layer_scopes``) in its op name."""
   out = []
@@ -139,8 +141,8 @@ def summarize(colls: list[Collective], scopes=SCOPES) -> list[dict]:
   order = {s: i for i, s in enumerate(scopes)}
   for c in sorted(colls, key=lambda c: (order.get(c.layer, 99), c.direction != 'forward')):
     key = (c.layer, c.direction, c.kind, c.axis)
-    row = rows.setdefault(key, dict(layer=c.layer, direction=c.direction, kind=c.kind, axis=c.axis,
-                                    ops=0, bytes=0))
+    row = rows.setdefault(
+        key, dict(layer=c.layer, direction=c.direction, kind=c.kind, axis=c.axis, ops=0, bytes=0))
     row['ops'] += 1
     row['bytes'] += c.bytes
   return list(rows.values())
@@ -150,18 +152,20 @@ def compiled_train_step_hlo(config, compiler_options=None) -> tuple[str, dict[st
   """The optimised HLO of the configured training step, and the mesh shape it was compiled for."""
   prog = program.build_program(config, steps_per_epoch=1)
   image = config.model.image_size
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
-                                                   sharding=sharding.batch_sharding(prog.mesh))
-  batch = dict(image=spec((config.batch_size, image, image, 3), np.uint8),
-               label=spec((config.batch_size,), np.int32))
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(
+      prog.mesh))
+  batch = dict(image=spec((config.batch_size, image, image, 3), np.uint8), label=spec(
+      (config.batch_size,), np.int32))
   hlo = prog.train_step.lower(prog.abstract_state, batch).compile(compiler_options).as_text()
   return hlo, dict(prog.mesh.shape)
 
 
 def format_table(rows: list[dict], mesh_shape: dict[str, int]) -> str:
-  lines = ['cross-device collectives per training step, mesh '
-           + ' x '.join(f'{k}={v}' for k, v in mesh_shape.items()),
-           f'{"layer":<14}{"pass":<10}{"collective":<20}{"axis":<12}{"ops":>4}{"bytes/device":>16}']
+  lines = [
+      'cross-device collectives per training step, mesh ' +
+      ' x '.join(f'{k}={v}' for k, v in mesh_shape.items()),
+      f'{"layer":<14}{"pass":<10}{"collective":<20}{"axis":<12}{"ops":>4}{"bytes/device":>16}'
+  ]
   for r in rows:
     lines.append(f'{r["layer"]:<14}{r["direction"]:<10}{r["kind"]:<20}{r["axis"]:<12}'
                  f'{r["ops"]:>4}{r["bytes"]:>16,}')
@@ -188,18 +192,21 @@ def compare_parallelism(config, devices: int = 8, compiler_options=None) -> list
     hlo, mesh_shape = compiled_train_step_hlo(c, compiler_options)
     colls = parse_collectives(hlo, mesh_shape)
     per_device = sum(x.bytes for x in colls)
-    activations = sum(x.bytes for x in colls
-                      if x.layer in SCOPES[:-len(STEP_SCOPES)] and x.kind != 'all-reduce')
-    rows.append(dict(scheme=label, mesh=f'{data} x {model_axis}', bytes_per_device=per_device,
-                     activation_bytes_per_device=activations,
-                     bytes_per_step=per_device * data * model_axis))
+    activations = sum(
+        x.bytes for x in colls if x.layer in SCOPES[:-len(STEP_SCOPES)] and x.kind != 'all-reduce')
+    rows.append(
+        dict(scheme=label, mesh=f'{data} x {model_axis}', bytes_per_device=per_device,
+             activation_bytes_per_device=activations,
+             bytes_per_step=per_device * data * model_axis))
   return rows
 
 
 def format_comparison(rows: list[dict], config) -> str:
-  lines = [f'AlexNet {config.model.image_size}x{config.model.image_size}, width '
-           f'{config.model.width}, batch {config.batch_size}: bytes communicated per training step',
-           f'{"scheme":<26}{"mesh":<8}{"per device":>16}{"activations":>16}{"all devices":>18}']
+  lines = [
+      f'AlexNet {config.model.image_size}x{config.model.image_size}, width '
+      f'{config.model.width}, batch {config.batch_size}: bytes communicated per training step',
+      f'{"scheme":<26}{"mesh":<8}{"per device":>16}{"activations":>16}{"all devices":>18}'
+  ]
   for r in rows:
     lines.append(f'{r["scheme"]:<26}{r["mesh"]:<8}{r["bytes_per_device"]:>16,}'
                  f'{r["activation_bytes_per_device"]:>16,}{r["bytes_per_step"]:>18,}')
@@ -225,6 +232,7 @@ def main(argv):
 
 if __name__ == '__main__':
   cli.define_tool_flags()
-  flags.DEFINE_bool('compare', False, 'Compare the bytes per step of data parallelism, two towers x '
-                    'data, and the one-weird-trick hybrid for the configured AlexNet on 8 devices.')
+  flags.DEFINE_bool(
+      'compare', False, 'Compare the bytes per step of data parallelism, two towers x '
+      'data, and the one-weird-trick hybrid for the configured AlexNet on 8 devices.')
   cli.run(main)

@@ -40,9 +40,10 @@ def main(argv):
 def _define_flags() -> None:
   flags.DEFINE_string('source', None, 'Folder with one subfolder of images per class.')
   flags.DEFINE_string('name', None, 'Name of the prepared set (as in --config.dataset.name).')
-  flags.DEFINE_string('data_dir', None, 'Where prepared sets live (default: TFDS\'s data dir).')
-  flags.DEFINE_float('val_fraction', None, 'Fraction of each class held out for validation '
-                     '(default 0.1 when no --val_dir).')
+  flags.DEFINE_string('data_dir', None, "Where prepared sets live (default: TFDS's data dir).")
+  flags.DEFINE_float(
+      'val_fraction', None, 'Fraction of each class held out for validation '
+      '(default 0.1 when no --val_dir).')
   flags.DEFINE_string('val_dir', None, 'A separate folder of class subfolders for validation.')
   flags.DEFINE_integer('image_size', 256, 'Side of the stored square images.')
   flags.DEFINE_integer('jpeg_quality', 90, 'JPEG quality of the stored images.')

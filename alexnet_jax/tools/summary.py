@@ -20,13 +20,16 @@ def format_table(table: dict) -> str:
   head = (f'{table["model"]}  input {table["image_size"]}x{table["image_size"]}x3 '
           f'({table["input_neurons"]:,} values), {table["towers"]} tower(s) over '
           f'{table["mesh_model_axis"]} model-axis device(s)')
-  lines = [head, f'{"layer":<12}{"output":<16}{"neurons":>12}{"parameters":>14}  '
-                 f'{"reads":<14}placement']
+  lines = [
+      head, f'{"layer":<12}{"output":<16}{"neurons":>12}{"parameters":>14}  '
+      f'{"reads":<14}placement'
+  ]
   for r in table['layers']:
     shape = 'x'.join(map(str, r['output_shape']))
     lines.append(f'{r["layer"]:<12}{shape:<16}{r["neurons"]:>12,}{r["parameters"]:>14,}  '
                  f'{r["reads"]:<14}{r["placement"]}')
-  lines.append(f'{"total":<12}{"":<16}{table["total_neurons"]:>12,}{table["total_parameters"]:>14,}')
+  lines.append(
+      f'{"total":<12}{"":<16}{table["total_neurons"]:>12,}{table["total_parameters"]:>14,}')
   return '\n'.join(lines)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from absl import app, flags
 
 from alexnet_jax import cli, distributed
-from alexnet_jax.visualize import commands
 from alexnet_jax.errors import ConfigError
+from alexnet_jax.visualize import commands
 
 
 def _define_flags():
@@ -19,8 +19,9 @@ def _define_flags():
   cli.define_huge_pages_flag()
   flags.DEFINE_string('checkpoint', None, 'The training --workdir (or its checkpoints/ folder).')
   flags.DEFINE_string('out', None, 'Output folder for the figures, arrays and index.html.')
-  flags.DEFINE_string('images', None, "'dataset' (the config's evaluation split; default), "
-                      "'skimage' (scikit-image's photographs) or comma-separated files / folders.")
+  flags.DEFINE_string(
+      'images', None, "'dataset' (the config's evaluation split; default), "
+      "'skimage' (scikit-image's photographs) or comma-separated files / folders.")
   flags.DEFINE_integer('num_images', None, 'How many images (default: per analysis).')
   flags.DEFINE_list('layers', None, 'Layers to analyse (default: per analysis).')
   flags.DEFINE_list('maps', None, 'top9 / evolution: these feature maps (default: random ones).')
@@ -30,8 +31,9 @@ def _define_flags():
   flags.DEFINE_list('epochs', None, 'evolution: the epochs to show (default: every checkpoint).')
   flags.DEFINE_integer('occluder_size', None, 'occlusion: side of the grey square (default S/5).')
   flags.DEFINE_integer('occluder_stride', None, 'occlusion: its stride (default S/56).')
-  flags.DEFINE_string('parts', None, "correspondence: 'name=top,left,height,width;...', one box for "
-                      "all images or one per image separated by '/' (default: a central box).")
+  flags.DEFINE_string(
+      'parts', None, "correspondence: 'name=top,left,height,width;...', one box for "
+      "all images or one per image separated by '/' (default: a central box).")
   flags.DEFINE_integer('random_draws', 10, 'correspondence: random boxes per part.')
   flags.DEFINE_integer('seed', 0, 'Seed for the choice of images, maps and random boxes.')
 
@@ -47,7 +49,8 @@ def parse_parts(text: str | None) -> dict | None:
     try:
       parts[name.strip()] = [[int(v) for v in box.split(',')] for box in boxes.split('/')]
     except ValueError:
-      raise ConfigError(f'--parts: cannot read {item!r}; write name=top,left,height,width') from None
+      raise ConfigError(
+          f'--parts: cannot read {item!r}; write name=top,left,height,width') from None
     if not name.strip() or any(len(b) != 4 for b in parts[name.strip()]):
       raise ConfigError(f'--parts: cannot read {item!r}; write name=top,left,height,width')
   return parts
@@ -62,12 +65,12 @@ def main(argv):
     raise app.UsageError('--checkpoint=the training workdir and --out=a folder are required')
   distributed.initialize(config)
   cli.quiet_orbax_info()
-  options = commands.Options(
-      images=f.images, num_images=f.num_images, layers=f.layers,
-      maps=[int(m) for m in f.maps] if f.maps else None, num_maps=f.num_maps, top=f.top,
-      step=f.step, epochs=[float(e) for e in f.epochs] if f.epochs else None,
-      occluder_size=f.occluder_size, occluder_stride=f.occluder_stride,
-      parts=parse_parts(f.parts), random_draws=f.random_draws, seed=f.seed)
+  options = commands.Options(images=f.images, num_images=f.num_images, layers=f.layers,
+                             maps=[int(m) for m in f.maps] if f.maps else None, num_maps=f.num_maps,
+                             top=f.top, step=f.step,
+                             epochs=[float(e) for e in f.epochs] if f.epochs else None,
+                             occluder_size=f.occluder_size, occluder_stride=f.occluder_stride,
+                             parts=parse_parts(f.parts), random_draws=f.random_draws, seed=f.seed)
   written = commands.run(argv[1], config, f.checkpoint, options, f.out)
   for path in written:
     print(path)

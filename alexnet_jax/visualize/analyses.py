@@ -44,6 +44,7 @@ def check_layers(net: Network, layers: list[str]) -> list[str]:
 
 # --- First-layer filters --------------------------------------------------------------------------
 
+
 def first_layer_filters(net: Network) -> np.ndarray:
   """``(maps, kh, kw, 3)``: the filters that read the image, towers concatenated."""
   first = next(iter(all_layers(net)))
@@ -62,15 +63,16 @@ def first_layer_filters(net: Network) -> np.ndarray:
 
 # --- Deconvnet projections of the strongest maps of given images ----------------------------------
 
+
 @dataclasses.dataclass
 class Projections:
   layer: str
-  images: np.ndarray       # (n,) index into the analysed images
-  maps: np.ndarray         # (n,)
-  positions: np.ndarray    # (n, 2)
-  values: np.ndarray       # (n,)
+  images: np.ndarray  # (n,) index into the analysed images
+  maps: np.ndarray  # (n,)
+  positions: np.ndarray  # (n, 2)
+  values: np.ndarray  # (n,)
   projections: np.ndarray  # (n, S, S, 3), in normalised-input units
-  boxes: np.ndarray        # (n, 4) receptive field top, left, bottom, right (inclusive)
+  boxes: np.ndarray  # (n, 4) receptive field top, left, bottom, right (inclusive)
 
 
 def _boxes(net: Network, layer: str, positions: np.ndarray) -> np.ndarray:
@@ -97,8 +99,8 @@ def strongest_maps(net: Network, images: np.ndarray, layers: list[str], k: int) 
   out = {}
   for layer in layers:
     act = acts[layer]
-    peak = act.reshape(len(act), -1, act.shape[-1]).max(axis=1)        # (N, maps)
-    top = np.argsort(-peak, axis=1, kind='stable')[:, :k]               # (N, k)
+    peak = act.reshape(len(act), -1, act.shape[-1]).max(axis=1)  # (N, maps)
+    top = np.argsort(-peak, axis=1, kind='stable')[:, :k]  # (N, k)
     index = np.repeat(np.arange(len(images)), top.shape[1])
     out[layer] = project_examples(net, images, layer, index, top.reshape(-1),
                                   desc=f'deconv {layer}')
@@ -106,6 +108,7 @@ def strongest_maps(net: Network, images: np.ndarray, layers: list[str], k: int) 
 
 
 # --- Top-9 over a data set ------------------------------------------------------------------------
+
 
 def peak_activations(net: Network, images: np.ndarray, layers: list[str]):
   """Per layer, ``(values (N, maps), positions (N, maps, 2))`` of each map's strongest activation
@@ -151,15 +154,15 @@ def choose_maps(net: Network, layers: list[str], count: int, seed: int,
   return chosen
 
 
-def top_activations(net: Network, images: np.ndarray, maps: dict[str, np.ndarray], k: int = 9
-                    ) -> dict[str, Projections]:
+def top_activations(net: Network, images: np.ndarray, maps: dict[str, np.ndarray],
+                    k: int = 9) -> dict[str, Projections]:
   """For each layer's chosen maps, the ``k`` strongest activations over ``images`` (at most one per
   image, as the paper's figure), projected by the deconvnet. ``n = maps × k``, map-major."""
   peaks = peak_activations(net, images, list(maps))
   out = {}
   for layer, chosen in maps.items():
     values, positions = peaks[layer]
-    top = np.argsort(-values[:, chosen], axis=0, kind='stable')[:k].T           # (maps, k)
+    top = np.argsort(-values[:, chosen], axis=0, kind='stable')[:k].T  # (maps, k)
     kk = top.shape[1]
     index = top.reshape(-1)
     map_ids = np.repeat(chosen, kk)
@@ -196,7 +199,7 @@ def transform(image: np.ndarray, kind: str, value: float, fill) -> np.ndarray:
     out = Image.new('RGB', (w, h), fill)
     out.paste(pil, (0, dy))
   elif kind == 'scale':
-    cx, cy = w / 2, h / 2   # output pixel (x, y) reads input (cx + (x - cx) / s, cy + (y - cy) / s)
+    cx, cy = w / 2, h / 2  # output pixel (x, y) reads input (cx + (x - cx) / s, cy + (y - cy) / s)
     a = 1.0 / value
     out = pil.transform((w, h), Image.AFFINE, (a, 0, cx - a * cx, 0, a, cy - a * cy),
                         resample=Image.BILINEAR, fillcolor=fill)
@@ -225,15 +228,16 @@ def invariance(net: Network, images: np.ndarray, labels: np.ndarray | None, laye
   _, reference = net.features(images)
   out = {}
   for kind, values in transforms.items():
-    moved = np.stack([transform(im, kind, v, net.config.input.mean_rgb)
-                      for im in images for v in values])                   # (N * T, S, S, 3)
+    moved = np.stack([
+        transform(im, kind, v, net.config.input.mean_rgb) for im in images for v in values
+    ])  # (N * T, S, S, 3)
     logits, feats = net.features(moved, desc=f'invariance: {kind}')
     n, t = len(images), len(values)
     out[kind] = dict(
-        values=np.asarray(values),
-        distance={l: np.linalg.norm(feats[l].reshape(n, t, -1) - reference[l].reshape(n, 1, -1),
-                                    axis=-1) for l in layers},
-        probability=softmax(logits).reshape(n, t, -1)[np.arange(n), :, classes])
+        values=np.asarray(values), distance={
+            l: np.linalg.norm(feats[l].reshape(n, t, -1) - reference[l].reshape(n, 1, -1), axis=-1)
+            for l in layers
+        }, probability=softmax(logits).reshape(n, t, -1)[np.arange(n), :, classes])
   return out
 
 
@@ -244,18 +248,19 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 # --- Occlusion ------------------------------------------------------------------------------------
 
+
 def occluder_positions(image_size: int, size: int, stride: int) -> np.ndarray:
   """Top-left corners ``(P, 2)`` of a ``size`` square slid with ``stride`` inside the image."""
   if not 0 < size <= image_size or stride <= 0:
     raise ConfigError(f'occluder size must be in 1..{image_size} and stride positive; got size '
-                     f'{size}, stride {stride}')
+                      f'{size}, stride {stride}')
   starts = np.arange(0, image_size - size + 1, stride)
   return np.stack(np.meshgrid(starts, starts, indexing='ij'), -1).reshape(-1, 2)
 
 
 def occlude(images, corners, size: int, fill):
-  """``images[i]`` with a ``size`` square of ``fill`` at ``corners[i]`` (jax or numpy; ``size`` may be
-  a traced scalar)."""
+  """``images[i]`` with a ``size`` square of ``fill`` at ``corners[i]`` (jax or numpy; ``size`` may
+  be a traced scalar)."""
   s = images.shape[1]
   rows = jnp.arange(s)[None, :, None]
   cols = jnp.arange(s)[None, None, :]
@@ -277,6 +282,7 @@ def occlusion(net: Network, image: np.ndarray, label: int | None, layer: str, si
   apply, normalize, fill = net.apply, net.normalize, net.config.input.mean_rgb
 
   def make():  # the size is an argument: one compile per layer serves every occluder
+
     def measure(params, base, size_, map_, true_, corner):
       occluded = occlude(jnp.broadcast_to(base, (len(corner), *base.shape)), corner, size_, fill)
       logits, acts = deconvnet.features(apply, params, normalize(occluded))
@@ -284,6 +290,7 @@ def occlusion(net: Network, image: np.ndarray, label: int | None, layer: str, si
       a = jnp.take(acts[layer], map_, axis=-1)
       return dict(feature=a.reshape(len(corner), -1).sum(-1), probability=probs[:, true_],
                   predicted=jnp.argmax(probs, -1), predicted_probability=jnp.max(probs, -1))
+
     return measure
 
   measure = net.function(('occlusion', layer), make)
@@ -299,6 +306,7 @@ def occlusion(net: Network, image: np.ndarray, label: int | None, layer: str, si
 
 
 # --- Correspondence -------------------------------------------------------------------------------
+
 
 def sign_consistency(eps: np.ndarray) -> float:
   """Δ = Σ_{i≠j} H(sign ε_i, sign ε_j), H the Hamming distance as a fraction of the features.
@@ -337,18 +345,22 @@ def correspondence(net: Network, images: np.ndarray, parts: dict[str, np.ndarray
     if len(boxes) == 1:
       boxes = np.repeat(boxes, n, axis=0)
     if len(boxes) != n:
-      raise ConfigError(f'part {name!r} has {len(boxes)} boxes for {n} images: give one box for all '
-                       'images or one per image')
+      raise ConfigError(
+          f'part {name!r} has {len(boxes)} boxes for {n} images: give one box for all '
+          'images or one per image')
     for t, l, h, w in boxes:
       if not (0 <= t and 0 <= l and h > 0 and w > 0 and t + h <= s and l + w <= s):
-        raise ConfigError(f'part {name!r}: box top={t} left={l} height={h} width={w} does not fit a '
-                         f'{s}x{s} image')
+        raise ConfigError(
+            f'part {name!r}: box top={t} left={l} height={h} width={w} does not fit a '
+            f'{s}x{s} image')
     part = deltas(boxes)
     random = []
     for _ in range(random_draws):
       h, w = boxes[0, 2], boxes[0, 3]
       t, l = rng.integers(0, s - h + 1), rng.integers(0, s - w + 1)
       random.append(deltas(np.tile([t, l, h, w], (n, 1))))
-    out[name] = {l: dict(part=part[l], random_mean=float(np.mean([r[l] for r in random])),
-                         random_std=float(np.std([r[l] for r in random]))) for l in layers}
+    out[name] = {
+        l: dict(part=part[l], random_mean=float(np.mean([r[l] for r in random])),
+                random_std=float(np.std([r[l] for r in random]))) for l in layers
+    }
   return out

@@ -13,7 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from alexnet_jax import checkpointing, program as program_lib
+from alexnet_jax import checkpointing
+from alexnet_jax import program as program_lib
 from alexnet_jax.data import catalog, statistics
 from alexnet_jax.errors import CheckpointError, ConfigError
 from alexnet_jax.visualize.network import CompiledFunctions, Network
@@ -29,10 +30,11 @@ def training_mean_image(config) -> np.ndarray | None:
                                min_side=config.input.resize_to)
   path = statistics.path_for(source)
   if not os.path.exists(path):
-    raise ConfigError(f'the network was trained on images minus the training set\'s mean image '
-                     f'(config.input.mean_image=True), but {path} does not exist: train on this data '
-                     'set first (training computes it), or pass --config.input.mean_image=False to '
-                     'subtract the mean colour instead')
+    raise ConfigError(
+        f"the network was trained on images minus the training set's mean image "
+        f'(config.input.mean_image=True), but {path} does not exist: train on this data '
+        'set first (training computes it), or pass --config.input.mean_image=False to '
+        'subtract the mean colour instead')
   return np.asarray(statistics.load(path).mean_image, np.float32)
 
 
@@ -43,7 +45,7 @@ def checkpoint_directory(path: str) -> str:
     path = os.path.join(path, 'checkpoints')
   if not os.path.isdir(path):
     raise CheckpointError(f'no checkpoint directory at {path}: pass --checkpoint=the '
-                                        'training --workdir (or its checkpoints/ folder)')
+                          'training --workdir (or its checkpoints/ folder)')
   return path
 
 
@@ -73,7 +75,7 @@ def checkpoint_steps(config, path: str) -> list[int]:
     steps = sorted(manager.all_steps())
   if not steps:
     raise CheckpointError(f'{checkpoint_directory(path)} holds no checkpoint: train '
-                                        'first (python -m alexnet_jax.main --workdir=...)')
+                          'first (python -m alexnet_jax.main --workdir=...)')
   return steps
 
 
@@ -86,13 +88,13 @@ def load_network(config, path: str, step: int | None = None, *,
     step = steps[-1]
   elif step not in steps:
     raise CheckpointError(f'no checkpoint at step {step} in {checkpoint_directory(path)}'
-                                        f'; it holds steps {", ".join(map(str, steps))}')
+                          f'; it holds steps {", ".join(map(str, steps))}')
   prog = program_lib.build_program(config, steps_per_epoch=1)
   with _manager(config, path) as manager:
     restored = checkpointing.restore(manager, step, prog.abstract_state, None)
   return network_from_state(config, prog.graphdef, restored.state, step=step,
-                            epoch=restored.meta.get('epoch'), mean_image=training_mean_image(config),
-                            functions=functions)
+                            epoch=restored.meta.get('epoch'),
+                            mean_image=training_mean_image(config), functions=functions)
 
 
 def network_from_state(config, graphdef: nnx.GraphDef, state, *, step: int = 0,
@@ -104,6 +106,5 @@ def network_from_state(config, graphdef: nnx.GraphDef, state, *, step: int = 0,
   model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.batch_stats))
   graphdef, variables = nnx.split(model)
   functions = functions or CompiledFunctions()
-  return Network(config=config, apply=functions.apply(graphdef),
-                 params=nnx.to_pure_dict(variables), step=step, epoch=epoch, mean_image=mean_image,
-                 functions=functions)
+  return Network(config=config, apply=functions.apply(graphdef), params=nnx.to_pure_dict(variables),
+                 step=step, epoch=epoch, mean_image=mean_image, functions=functions)

@@ -24,22 +24,23 @@ ANALYSES = ('filters', 'deconv', 'top9', 'evolution', 'invariance', 'occlusion',
 
 @dataclasses.dataclass
 class Options:
-  images: str | None = None           # dataset (default) | skimage | files / folders
-  num_images: int | None = None       # default: per analysis
-  layers: list[str] | None = None     # default: per analysis
-  maps: list[int] | None = None       # top9 / evolution: these maps instead of random ones
+  images: str | None = None  # dataset (default) | skimage | files / folders
+  num_images: int | None = None  # default: per analysis
+  layers: list[str] | None = None  # default: per analysis
+  maps: list[int] | None = None  # top9 / evolution: these maps instead of random ones
   num_maps: int = 9
-  top: int = 9                        # activations per map (top9), maps per image (deconv)
-  step: int | None = None             # checkpoint step (default: the latest)
-  epochs: list[float] | None = None   # evolution: the checkpoints' epochs to show (default: all)
-  occluder_size: int | None = None    # default: a fifth of the image
+  top: int = 9  # activations per map (top9), maps per image (deconv)
+  step: int | None = None  # checkpoint step (default: the latest)
+  epochs: list[float] | None = None  # evolution: the checkpoints' epochs to show (default: all)
+  occluder_size: int | None = None  # default: a fifth of the image
   occluder_stride: int | None = None  # default: image size / 56 (4 at 224)
-  parts: dict | None = None           # correspondence: name → boxes (top, left, height, width)
+  parts: dict | None = None  # correspondence: name → boxes (top, left, height, width)
   random_draws: int = 10
   seed: int = 0
 
 
-DEFAULT_IMAGES = dict(deconv=4, top9=256, evolution=256, invariance=4, occlusion=3, correspondence=5)
+DEFAULT_IMAGES = dict(deconv=4, top9=256, evolution=256, invariance=4, occlusion=3,
+                      correspondence=5)
 
 
 def _images(net_config, options: Options, analysis: str) -> Images:
@@ -74,6 +75,7 @@ def _where(net: Network) -> str:
 
 # --- filters --------------------------------------------------------------------------------------
 
+
 def run_filters(net: Network, options: Options, out_dir: str) -> list[str]:
   filters = analyses.first_layer_filters(net)
   tiles = [render.zoom_to(render.filter_image(f), 33) for f in filters]
@@ -85,6 +87,7 @@ def run_filters(net: Network, options: Options, out_dir: str) -> list[str]:
 
 
 # --- deconv ---------------------------------------------------------------------------------------
+
 
 def run_deconv(net: Network, options: Options, out_dir: str) -> list[str]:
   images = _images(net.config, options, 'deconv')
@@ -100,14 +103,16 @@ def run_deconv(net: Network, options: Options, out_dir: str) -> list[str]:
     name = f'deconv_{layer}.png'
     render.save_png(os.path.join(out_dir, name), render.grid(rows))
     figures.append((name, f'{layer}: each image (left) and the deconvnet projections of its {k} '
-                          f'strongest {layer} maps\' strongest activations, strongest first '
-                          f'({_where(net)}; images: {", ".join(images.names)}).'))
-    arrays.update({f'{layer}/{k_}': v for k_, v in dataclasses.asdict(proj).items() if k_ != 'layer'})
+                    f"strongest {layer} maps' strongest activations, strongest first "
+                    f'({_where(net)}; images: {", ".join(images.names)}).'))
+    arrays.update(
+        {f'{layer}/{k_}': v for k_, v in dataclasses.asdict(proj).items() if k_ != 'layer'})
   data = _npz(out_dir, 'deconv.npz', images=images.pixels, **arrays)
   return _finish(out_dir, 'deconv', figures, [data])
 
 
 # --- top9 -----------------------------------------------------------------------------------------
+
 
 def _crop_tiles(net: Network, proj: analyses.Projections, images: np.ndarray):
   """Per entry the receptive-field crop of the projection and of the image, on equal canvases."""
@@ -116,8 +121,8 @@ def _crop_tiles(net: Network, proj: analyses.Projections, images: np.ndarray):
   s = net.image_size
   projections, patches = [], []
   for n, box in enumerate(proj.boxes):
-    projections.append(render.fit(render.projection_image(analyses.crop(proj.projections[n], box)),
-                                  box, s, shape))
+    projections.append(
+        render.fit(render.projection_image(analyses.crop(proj.projections[n], box)), box, s, shape))
     patches.append(render.fit(analyses.crop(images[proj.images[n]], box), box, s, shape))
   return projections, patches
 
@@ -144,16 +149,20 @@ def run_top9(net: Network, options: Options, out_dir: str) -> list[str]:
     name = f'top9_{layer}.png'
     render.save_png(os.path.join(out_dir, name), _top_figure(net, proj, images.pixels, options.top))
     figures.append((name, f'{layer}, maps {", ".join(map(str, maps[layer]))}: for each map the '
-                          f'{options.top} strongest activations over {len(images.pixels)} images, '
-                          'their deconvnet projections (left) beside the image patches of their '
-                          f'receptive fields (right) ({_where(net)}).'))
-    arrays.update({f'{layer}/{k}': v for k, v in dataclasses.asdict(proj).items()
-                   if k not in ('layer', 'projections')})
+                    f'{options.top} strongest activations over {len(images.pixels)} images, '
+                    'their deconvnet projections (left) beside the image patches of their '
+                    f'receptive fields (right) ({_where(net)}).'))
+    arrays.update({
+        f'{layer}/{k}': v
+        for k, v in dataclasses.asdict(proj).items()
+        if k not in ('layer', 'projections')
+    })
   data = _npz(out_dir, 'top9.npz', **arrays)
   return _finish(out_dir, 'top9', figures, [data])
 
 
 # --- evolution ------------------------------------------------------------------------------------
+
 
 def run_evolution(config, checkpoint: str, options: Options, out_dir: str) -> list[str]:
   steps = checkpoint_steps(config, checkpoint)
@@ -164,7 +173,7 @@ def run_evolution(config, checkpoint: str, options: Options, out_dir: str) -> li
     nets = [n for n in nets if n.epoch is not None and float(n.epoch) in wanted]
     if not nets:
       raise ConfigError(f'no checkpoint at epochs {sorted(wanted)}; train with '
-                       '--config.checkpoint.keep_epochs listing them')
+                        '--config.checkpoint.keep_epochs listing them')
   images = _images(config, options, 'evolution')
   first = nets[0]
   layers = analyses.check_layers(first, options.layers or analyses.spatial_layers(first))
@@ -178,17 +187,19 @@ def run_evolution(config, checkpoint: str, options: Options, out_dir: str) -> li
       columns[layer].append(projections)
       arrays[f'step{net.step}/{layer}/values'] = proj.values
       arrays[f'step{net.step}/{layer}/images'] = proj.images
-  labels = ', '.join(f'epoch {n.epoch:g}' if n.epoch is not None else f'step {n.step}' for n in nets)
+  labels = ', '.join(
+      f'epoch {n.epoch:g}' if n.epoch is not None else f'step {n.step}' for n in nets)
   figures = []
   for layer in layers:
     shape = max((t.shape for col in columns[layer] for t in col))
-    rows = [[render.zoom_to(_pad_to(col[m], shape), 64) for col in columns[layer]]
+    rows = [[render.zoom_to(_pad_to(col[m], shape), 64)
+             for col in columns[layer]]
             for m in range(len(maps[layer]))]
     name = f'evolution_{layer}.png'
     render.save_png(os.path.join(out_dir, name), render.grid(rows))
     figures.append((name, f'{layer}, maps {", ".join(map(str, maps[layer]))} (rows): the strongest '
-                          f'activation over {len(images.pixels)} images projected to pixels, at '
-                          f'each checkpoint (columns: {labels}).'))
+                    f'activation over {len(images.pixels)} images projected to pixels, at '
+                    f'each checkpoint (columns: {labels}).'))
   data = _npz(out_dir, 'evolution.npz', steps=np.array([n.step for n in nets]),
               epochs=np.array([np.nan if n.epoch is None else n.epoch for n in nets]), **arrays)
   return _finish(out_dir, 'evolution', figures, [data])
@@ -201,6 +212,7 @@ def _pad_to(tile, shape):
 
 
 # --- invariance -----------------------------------------------------------------------------------
+
 
 def _default_invariance_layers(net):
   names = list(analyses.all_layers(net))
@@ -216,7 +228,8 @@ def run_invariance(net: Network, options: Options, out_dir: str) -> list[str]:
                               squeeze=False)
   for r, (kind, res) in enumerate(result.items()):
     x = res['values'] * (net.image_size if kind == 'translation' else 1)
-    xlabel = dict(translation='vertical shift (pixels)', scale='scale', rotation='rotation (°)')[kind]
+    xlabel = dict(translation='vertical shift (pixels)', scale='scale',
+                  rotation='rotation (°)')[kind]
     for c, layer in enumerate(layers):
       for i, d in enumerate(res['distance'][layer]):
         axes[r, c].plot(x, d, 'o-', markersize=3, label=images.names[i])
@@ -233,17 +246,20 @@ def run_invariance(net: Network, options: Options, out_dir: str) -> list[str]:
   render.save_figure(fig, os.path.join(out_dir, 'invariance.png'))
   arrays = {f'{kind}/values': res['values'] for kind, res in result.items()}
   arrays.update({f'{kind}/probability': res['probability'] for kind, res in result.items()})
-  arrays.update({f'{kind}/distance/{l}': d for kind, res in result.items()
-                 for l, d in res['distance'].items()})
+  arrays.update({
+      f'{kind}/distance/{l}': d for kind, res in result.items() for l, d in res['distance'].items()
+  })
   data = _npz(out_dir, 'invariance.npz', images=images.pixels, **arrays)
   truth = 'labels' if images.labels is not None else 'the class predicted for the original image'
-  caption = (f'Invariance of {_where(net)} to vertical translation, scale and rotation (rows): '
-             f'Euclidean distance of the {", ".join(layers)} features to those of the untransformed '
-             f'image, and the probability of the true class ({truth}); one curve per image.')
+  caption = (
+      f'Invariance of {_where(net)} to vertical translation, scale and rotation (rows): '
+      f'Euclidean distance of the {", ".join(layers)} features to those of the untransformed '
+      f'image, and the probability of the true class ({truth}); one curve per image.')
   return _finish(out_dir, 'invariance', [('invariance.png', caption)], [data])
 
 
 # --- occlusion ------------------------------------------------------------------------------------
+
 
 def run_occlusion(net: Network, options: Options, out_dir: str) -> list[str]:
   images = _images(net.config, options, 'occlusion')
@@ -262,8 +278,8 @@ def run_occlusion(net: Network, options: Options, out_dir: str) -> list[str]:
     shown[:size, :size] = np.asarray(net.config.input.mean_rgb, np.uint8)
     axes[0].imshow(shown)
     axes[0].set_title(f'{images.names[i]}\ntrue: {images.class_name(res["true_class"])}')
-    for ax, key, title, cmap in ((axes[1], 'feature', f'total activation of {layer} map {res["map"]}',
-                                  'jet'),
+    for ax, key, title, cmap in ((axes[1], 'feature',
+                                  f'total activation of {layer} map {res["map"]}', 'jet'),
                                  (axes[3], 'probability', 'P(true class)', 'jet')):
       ax.imshow(image)
       im = ax.imshow(res[key], cmap=cmap, alpha=0.6, extent=extent, interpolation='nearest')
@@ -287,14 +303,15 @@ def run_occlusion(net: Network, options: Options, out_dir: str) -> list[str]:
     name = f'occlusion_{i}.png'
     render.save_figure(fig, os.path.join(out_dir, name))
     figures.append((name, f'Occlusion of {images.names[i]} by a grey {size}x{size} square with '
-                          f'stride {stride} (top-left: the square), {_where(net)}: each map value is '
-                          'measured with the square centred there.'))
+                    f'stride {stride} (top-left: the square), {_where(net)}: each map value is '
+                    'measured with the square centred there.'))
     arrays.update({f'{i}/{k}': np.asarray(v) for k, v in res.items()})
   data = _npz(out_dir, 'occlusion.npz', images=images.pixels, **arrays)
   return _finish(out_dir, 'occlusion', figures, [data])
 
 
 # --- correspondence -------------------------------------------------------------------------------
+
 
 def run_correspondence(net: Network, options: Options, out_dir: str) -> list[str]:
   images = _images(net.config, options, 'correspondence')
@@ -305,8 +322,10 @@ def run_correspondence(net: Network, options: Options, out_dir: str) -> list[str
   parts = options.parts or {'centre': [s * 2 // 5, s * 2 // 5, s // 5, s // 5]}
   table = analyses.correspondence(net, images.pixels, parts, layers, options.random_draws,
                                   options.seed)
-  lines = ['| part | ' + ' | '.join(f'{l} Δ part | {l} Δ random' for l in layers) + ' |',
-           '|---|' + '---|---|' * len(layers)]
+  lines = [
+      '| part | ' + ' | '.join(f'{l} Δ part | {l} Δ random' for l in layers) + ' |',
+      '|---|' + '---|---|' * len(layers)
+  ]
   for part, row in table.items():
     lines.append(f'| {part} | ' + ' | '.join(
         f'{row[l]["part"]:.4f} | {row[l]["random_mean"]:.4f} ± {row[l]["random_std"]:.4f}'
@@ -314,8 +333,9 @@ def run_correspondence(net: Network, options: Options, out_dir: str) -> list[str
   with open(os.path.join(out_dir, 'correspondence.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   with open(os.path.join(out_dir, 'correspondence.json'), 'w') as f:
-    json.dump(dict(images=images.names, parts={k: np.asarray(v).tolist() for k, v in parts.items()},
-                   table=table), f, indent=1)
+    json.dump(
+        dict(images=images.names, parts={k: np.asarray(v).tolist() for k, v in parts.items()},
+             table=table), f, indent=1)
   fig, axes = render.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.5), squeeze=False)
   for ax, layer in zip(axes[0], layers):
     x = np.arange(len(table))

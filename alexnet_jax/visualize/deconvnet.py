@@ -2,15 +2,16 @@
 
 A deconvnet projects one activation back to pixel space: zero all other activations of its layer,
 then per layer downwards unpool with the switches of the forward pass, rectify, and filter with the
-layer's filters transposed (flipped vertically and horizontally). Each of these steps is what reverse
-mode differentiation already does to a signal coming down — the vjp of max-pooling routes it to the
-recorded maxima, the vjp of a convolution w.r.t. its input is the convolution with the flipped,
-transposed filters, and biases drop out — except at the ReLUs, where the gradient masks by the
-forward activation and the deconvnet rectifies the signal instead. Models called with
-``deconv=True`` use ReLUs with that backward pass (``models.layers.deconv_relu``) and pass the signal
-unchanged through their response / contrast normalisation, as the paper does; so the projection is
-``vjp(images ↦ layer activations)(one-hot at the chosen activation)``, for any model that declares
-``supports_deconv`` (``models.contract``), through both towers of the two-tower AlexNet.
+layer's filters transposed (flipped vertically and horizontally). Each of these steps is what
+reverse mode differentiation already does to a signal coming down — the vjp of max-pooling routes it
+to the recorded maxima, the vjp of a convolution w.r.t. its input is the convolution with the
+flipped, transposed filters, and biases drop out — except at the ReLUs, where the gradient masks by
+the forward activation and the deconvnet rectifies the signal instead. Models called with
+``deconv=True`` use ReLUs with that backward pass (``models.layers.deconv_relu``) and pass the
+signal unchanged through their response / contrast normalisation, as the paper does; so the
+projection is ``vjp(images ↦ layer activations)(one-hot at the chosen activation)``, for any model
+that declares ``supports_deconv`` (``models.contract``), through both towers of the two-tower
+AlexNet.
 
 Conventions: images are normalised NHWC float arrays (the model's input); layer activations are
 untowered, ``(batch, h, w, maps)`` for conv layers and ``(batch, maps)`` for dense ones, maps
@@ -85,8 +86,9 @@ def project(apply: Apply, params, images: jax.Array, layer: str, maps: jax.Array
 
   ``maps``: ``(batch,)`` the feature map of each example; ``positions``: ``(batch, 2)`` the
   activation's row and column in it, where negative the map's strongest one, or ``None`` for the
-  strongest one in every example (ignored for dense layers). Returns ``(projections (batch, H, W, 3), positions (batch, 2), values (batch,))``: the
-  projections in the units of the normalised input, each from its example's own switches.
+  strongest one in every example (ignored for dense layers). Returns ``(projections (batch, H, W,
+  3), positions (batch, 2), values (batch,))``: the projections in the units of the normalised
+  input, each from its example's own switches.
   """
   maps = jnp.asarray(maps, jnp.int32)
   layer_act = lambda x: untower(apply(params, x, True)[1][layer])
@@ -116,12 +118,13 @@ class ReceptiveField:
 
   def box(self, row: int, col: int) -> tuple[int, int, int, int]:
     """``(top, left, bottom, right)``, inclusive."""
-    return (int(self.rows[row, 0]), int(self.cols[col, 0]), int(self.rows[row, 1]),
-            int(self.cols[col, 1]))
+    return (int(self.rows[row, 0]), int(self.cols[col, 0]), int(self.rows[row,
+                                                                          1]), int(self.cols[col,
+                                                                                             1]))
 
 
-def receptive_fields(apply: Apply, params, image_size: int, chunk: int = 32
-                     ) -> dict[str, ReceptiveField]:
+def receptive_fields(apply: Apply, params, image_size: int,
+                     chunk: int = 32) -> dict[str, ReceptiveField]:
   """Every layer's receptive fields, measured exactly by propagating NaNs.
 
   An input row (or column) of NaNs turns into NaN exactly the activations whose receptive field
@@ -139,8 +142,11 @@ def receptive_fields(apply: Apply, params, image_size: int, chunk: int = 32
   def touched(x):
     # (chunk, h) and (chunk, w): which output rows / columns a NaN input line reaches.
     _, acts = features(apply, params, x)
-    return {name: (jnp.isnan(a).any(axis=(2, 3)), jnp.isnan(a).any(axis=(1, 3)))
-            for name, a in acts.items() if is_spatial(a)}
+    return {
+        name: (jnp.isnan(a).any(axis=(2, 3)), jnp.isnan(a).any(axis=(1, 3)))
+        for name, a in acts.items()
+        if is_spatial(a)
+    }
 
   parts = []
   for start in range(0, 2 * size, chunk):
@@ -152,8 +158,8 @@ def receptive_fields(apply: Apply, params, image_size: int, chunk: int = 32
     parts[-1] = {k: (r[:chunk - pad], c[:chunk - pad]) for k, (r, c) in parts[-1].items()}
   fields = {}
   for name in parts[0]:
-    rows_hit = np.concatenate([p[name][0] for p in parts])[:size]          # (input row, out row)
-    cols_hit = np.concatenate([p[name][1] for p in parts])[size:]          # (input col, out col)
+    rows_hit = np.concatenate([p[name][0] for p in parts])[:size]  # (input row, out row)
+    cols_hit = np.concatenate([p[name][1] for p in parts])[size:]  # (input col, out col)
     fields[name] = ReceptiveField(rows=_extent(rows_hit), cols=_extent(cols_hit))
   return fields
 

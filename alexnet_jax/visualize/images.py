@@ -18,8 +18,8 @@ SKIMAGE_PHOTOS = ('chelsea', 'astronaut', 'coffee')
 
 @dataclasses.dataclass
 class Images:
-  pixels: np.ndarray                  # uint8 (N, S, S, 3)
-  labels: np.ndarray | None           # int (N,), or None when the images carry no labels
+  pixels: np.ndarray  # uint8 (N, S, S, 3)
+  labels: np.ndarray | None  # int (N,), or None when the images carry no labels
   names: list[str]
   class_names: Sequence[str] = ()
 
@@ -75,12 +75,15 @@ def load_images(config, spec: str | None, count: int, seed: int = 0) -> Images:
   for part in spec.split(','):
     part = os.path.expanduser(part.strip())
     if os.path.isdir(part):
-      paths += sorted(os.path.join(part, f) for f in os.listdir(part)
-                      if f.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')))
+      paths += sorted(
+          os.path.join(part, f)
+          for f in os.listdir(part)
+          if f.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')))
     elif os.path.isfile(part):
       paths.append(part)
     else:
-      raise ConfigError(f'--images: {part!r} is neither dataset, skimage, an image file nor a folder')
+      raise ConfigError(
+          f'--images: {part!r} is neither dataset, skimage, an image file nor a folder')
   if not paths:
     raise ConfigError(f'--images={spec!r} names no image files')
   return Images(pixels=np.stack([centre_square(_read_file(p), size) for p in paths]), labels=None,

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from alexnet_jax.steps import normalize as normalize_on_device
@@ -41,8 +42,8 @@ def _bucket(n: int, devices: int, cap: int) -> int:
   return min(devices * per_device, cap)
 
 
-def normalizer(mean_rgb, std_rgb, mean_image: np.ndarray | None = None
-               ) -> Callable[[jax.Array], jax.Array]:
+def normalizer(mean_rgb, std_rgb,
+               mean_image: np.ndarray | None = None) -> Callable[[jax.Array], jax.Array]:
   """uint8-valued images → the model's input, as evaluation normalises them: minus the central
   window of the training set's ``mean_image`` when the network was trained on mean-image-subtracted
   pixels, else minus ``mean_rgb``; then divided by ``std_rgb``. Closes over these constants only
@@ -130,7 +131,7 @@ class Network:
     mesh = _mesh()
     n = len(arrays[0])
     batch_size = _bucket(max(n, 1), mesh.devices.size, batch_size)
-    if hasattr(fn, 'lower'):   # already jitted
+    if hasattr(fn, 'lower'):  # already jitted
       jitted = fn
     else:  # the arguments' shardings split the batch across the devices
       if fn not in self._jitted:
@@ -144,8 +145,10 @@ class Network:
     for start in starts:
       chunks = [np.asarray(a[start:start + batch_size]) for a in arrays]
       real = len(chunks[0])
-      chunks = [np.concatenate([c, np.repeat(c[-1:], batch_size - real, axis=0)]) if real < batch_size
-                else c for c in chunks]
+      chunks = [
+          np.concatenate([c, np.repeat(c[-1:], batch_size -
+                                       real, axis=0)]) if real < batch_size else c for c in chunks
+      ]
       chunks = [jax.device_put(c, NamedSharding(mesh, P(BATCH))) for c in chunks]
       out = jax.device_get(jitted(self._replicated, *shared, *chunks))
       outputs.append(jax.tree.map(lambda x: x[:real], out))
@@ -155,8 +158,8 @@ class Network:
     """``(logits, {layer: untowered activations})`` as numpy arrays. ``images`` may hold fractional
     values (occluded by the mean colour): they go in as float32, so one compile serves both."""
     apply, normalize = self.apply, self.normalize
-    fn = self.function('features', lambda: lambda params, x: deconvnet.features(
-        apply, params, normalize(x)))
+    fn = self.function('features',
+                       lambda: lambda params, x: deconvnet.features(apply, params, normalize(x)))
     return self.map_batches(fn, np.asarray(images, np.float32), desc=desc, batch_size=batch_size)
 
   def project(self, images: np.ndarray, layer: str, maps: np.ndarray,
@@ -166,9 +169,10 @@ class Network:
     apply, normalize = self.apply, self.normalize
     maps = np.asarray(maps, np.int32)
     if positions is None:
-      positions = np.full((len(maps), 2), -1, np.int32)   # -1: the strongest
-    fn = self.function(('project', layer), lambda: lambda params, x, m, p: deconvnet.project(
-        apply, params, normalize(x), layer, m, p))
+      positions = np.full((len(maps), 2), -1, np.int32)  # -1: the strongest
+    fn = self.function(
+        ('project', layer),
+        lambda: lambda params, x, m, p: deconvnet.project(apply, params, normalize(x), layer, m, p))
     return self.map_batches(fn, images, maps, np.asarray(positions, np.int32), desc=desc,
                             batch_size=32)
 
@@ -176,5 +180,5 @@ class Network:
   def receptive_fields(self) -> dict[str, deconvnet.ReceptiveField]:
     # They depend on the architecture only (NaN propagates through any weight): computed once.
     return self.functions.receptive_fields(
-        self.apply, lambda: deconvnet.receptive_fields(self.apply, self._replicated,
-                                                       self.image_size))
+        self.apply,
+        lambda: deconvnet.receptive_fields(self.apply, self._replicated, self.image_size))

@@ -1,4 +1,4 @@
-"""Pictures from the analyses' arrays: image grids, curves, overlays, and the folder's index.html."""
+"""Pictures from the analyses' arrays: image grids, curves, overlays, the folder's index.html."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def grid(tiles: list[list[np.ndarray]], pad: int = 2, background: int = 255) -> 
   out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), background, np.uint8)
   for i, row in enumerate(tiles):
     for j, tile in enumerate(row):
-      out[pad + i * (h + pad):pad + i * (h + pad) + h, pad + j * (w + pad):pad + j * (w + pad) + w] = tile
+      out[pad + i * (h + pad):pad + i * (h + pad) + h,
+          pad + j * (w + pad):pad + j * (w + pad) + w] = tile
   return out
 
 
@@ -104,6 +105,7 @@ def save_figure(fig, path: str) -> str:
 
 # --- The index ------------------------------------------------------------------------------------
 
+
 def record(out_dir: str, analysis: str, figures: list[tuple[str, str]], data: list[str]) -> str:
   """Adds ``(file, caption)`` figures of one analysis to the folder's manifest (replacing that
   analysis's earlier entries) and rewrites index.html; returns its path."""
@@ -112,8 +114,8 @@ def record(out_dir: str, analysis: str, figures: list[tuple[str, str]], data: li
   if os.path.exists(path):
     with open(path) as f:
       entries = [e for e in json.load(f) if e['analysis'] != analysis]
-  entries.append(dict(analysis=analysis, figures=[dict(file=f, caption=c) for f, c in figures],
-                      data=data))
+  entries.append(
+      dict(analysis=analysis, figures=[dict(file=f, caption=c) for f, c in figures], data=data))
   with open(path + '.tmp', 'w') as f:
     json.dump(entries, f, indent=1)
   os.replace(path + '.tmp', path)
@@ -121,17 +123,19 @@ def record(out_dir: str, analysis: str, figures: list[tuple[str, str]], data: li
 
 
 def write_index(out_dir: str, entries: list[dict]) -> str:
-  parts = ['<!doctype html><html><head><meta charset="utf-8"><title>alexnet_jax: understanding '
-           'the network</title><style>body{font-family:sans-serif;max-width:1400px;margin:auto}'
-           'figure{margin:1em 0}img{max-width:100%;image-rendering:pixelated;border:1px solid #ccc}'
-           'figcaption{color:#333}</style></head><body>',
-           '<h1>Understanding the network</h1>']
+  parts = [
+      '<!doctype html><html><head><meta charset="utf-8"><title>alexnet_jax: understanding '
+      'the network</title><style>body{font-family:sans-serif;max-width:1400px;margin:auto}'
+      'figure{margin:1em 0}img{max-width:100%;image-rendering:pixelated;border:1px solid #ccc}'
+      'figcaption{color:#333}</style></head><body>', '<h1>Understanding the network</h1>'
+  ]
   for entry in entries:
     parts.append(f'<h2 id="{html.escape(entry["analysis"])}">{html.escape(entry["analysis"])}</h2>')
     for fig in entry['figures']:
-      parts.append(f'<figure><a href="{html.escape(fig["file"])}"><img src="{html.escape(fig["file"])}" '
-                   f'alt="{html.escape(fig["caption"])}"></a><figcaption>{html.escape(fig["caption"])}'
-                   '</figcaption></figure>')
+      parts.append(
+          f'<figure><a href="{html.escape(fig["file"])}"><img src="{html.escape(fig["file"])}" '
+          f'alt="{html.escape(fig["caption"])}"></a><figcaption>{html.escape(fig["caption"])}'
+          '</figcaption></figure>')
     if entry['data']:
       links = ', '.join(f'<a href="{html.escape(d)}">{html.escape(d)}</a>' for d in entry['data'])
       parts.append(f'<p>Arrays: {links}</p>')

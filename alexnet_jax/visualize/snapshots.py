@@ -31,8 +31,7 @@ def every_epochs(every: int, images: int):
     count = min(int(images), len(source))
     pixels = np.stack([crop.map(source[i])['image'] for i in range(count)])
     net = network_from_state(end.config, end.program.graphdef, end.state, step=end.step,
-                             epoch=end.epoch, mean_image=end.inputs.mean_image,
-                             functions=functions)
+                             epoch=end.epoch, mean_image=end.inputs.mean_image, functions=functions)
     pictures = training_snapshot(net, pixels, os.path.join(end.workdir, 'visualize'), end.epoch)
     for name, picture in pictures.items():
       end.writer.image(end.step, f'visualize/{name}', picture)
@@ -46,12 +45,15 @@ def training_snapshot(net: Network, images: np.ndarray, out_dir: str, epoch: int
   of the last conv layer, written as ``filters_epochN.png`` / ``deconv_epochN.png``; returns the
   pictures (for TensorBoard)."""
   filters = analyses.first_layer_filters(net)
-  pictures = {'filters': render.square_grid(
-      [render.zoom_to(render.filter_image(f), 33) for f in filters], pad=2)}
+  pictures = {
+      'filters': render.square_grid([render.zoom_to(render.filter_image(f), 33) for f in filters],
+                                    pad=2)
+  }
   layer = analyses.spatial_layers(net)[-1]
   proj = analyses.strongest_maps(net, images, [layer], maps)[layer]
   k = len(proj.maps) // len(images)
-  rows = [[images[i]] + [render.projection_image(p) for p in proj.projections[i * k:(i + 1) * k]]
+  rows = [[images[i]] + [render.projection_image(p)
+                         for p in proj.projections[i * k:(i + 1) * k]]
           for i in range(len(images))]
   pictures[f'deconv_{layer}'] = render.grid([[render.zoom_to(t, 96) for t in row] for row in rows])
   for name, picture in pictures.items():
