@@ -23,14 +23,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def functions():
+  """The compiled functions of this module's network, shared by its analyses and commands (as one
+  session of the command line shares them); tests that jit stand-ins make their own."""
+  return network.CompiledFunctions()
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, functions):
   """Two epochs (8 steps) of the tiny two-tower AlexNet; checkpoints kept at epochs 1 and 2."""
   root = tmp_path_factory.mktemp('vis')
   config = visualize_config(root / 'data')
   workdir = str(root / 'work')
   snapshot = snapshots.every_epochs(config.visualize.every_epochs, config.visualize.images)
   train.train_and_evaluate(config, workdir, hooks=[snapshot])
-  return config, workdir, checkpoints.load_network(config, workdir)
+  return config, workdir, checkpoints.load_network(config, workdir, functions=functions)
 
 
 @pytest.fixture(scope='module')
@@ -55,7 +62,7 @@ def test_networks_of_one_run_share_their_compiled_functions(trained):
   assert earlier.function(('project', 'conv5'), make) is not later.function('features', make)
   # The fixture's network, loaded on its own, keeps its own functions: the identity jitted under
   # 'features' above never reaches it (or the tests that use it after this one).
-  assert net.functions is not shared and net.functions is not network.CompiledFunctions()
+  assert net.functions is not shared
   # Counts of examples padded to a few batch shapes: devices x powers of two, at most the cap.
   assert [network._bucket(n, 8, 64) for n in (1, 8, 9, 17, 26, 33, 64, 65, 500)
          ] == [8, 8, 16, 32, 32, 64, 64, 64, 64]
@@ -166,7 +173,7 @@ def _png(path):
     return np.asarray(im.convert('RGB'))
 
 
-def test_every_command_writes_its_figures(trained, tmp_path):
+def test_every_command_writes_its_figures(trained, functions, tmp_path):
   config, workdir, _ = trained
   out = str(tmp_path / 'out')
   options = commands.Options(num_images=2, layers=['conv1', 'conv5'], num_maps=2, top=4,
@@ -176,7 +183,8 @@ def test_every_command_writes_its_figures(trained, tmp_path):
     layers = dict(invariance=None, occlusion=None,
                   correspondence=None).get(analysis, options.layers)
     written[analysis] = commands.run(analysis, config, workdir,
-                                     dataclasses.replace(options, layers=layers), out)
+                                     dataclasses.replace(options, layers=layers), out,
+                                     functions=functions)
   f = _png(written['filters'][0])
   assert f.shape == (2 * 35 + 2, 3 * 35 + 2, 3)  # 6 filters of 11² zoomed to 33², 3 a row
   deconv = {os.path.basename(p): _png(p) for p in written['deconv']}
@@ -199,13 +207,13 @@ def test_every_command_writes_its_figures(trained, tmp_path):
   assert set(table['centre']) == {'conv5', 'fc7'}
 
 
-def test_commands_on_photographs(trained, tmp_path):
+def test_commands_on_photographs(trained, functions, tmp_path):
   config, workdir, _ = trained
   out = str(tmp_path / 'photos')
   options = commands.Options(images='skimage', num_images=3, top=2, occluder_size=30,
                              occluder_stride=18, layers=['conv3'])
   for analysis in ('deconv', 'occlusion'):
-    for path in commands.run(analysis, config, workdir, options, out):
+    for path in commands.run(analysis, config, workdir, options, out, functions=functions):
       assert _png(path).std() > 0
   with np.load(os.path.join(out, 'deconv.npz')) as d:
     assert d['images'].shape == (3, 67, 67, 3)

@@ -58,13 +58,18 @@ def _finish(out_dir, analysis, figures, data):
   return [os.path.join(out_dir, f) for f, _ in figures]
 
 
-def run(analysis: str, config, checkpoint: str, options: Options, out_dir: str) -> list[str]:
+def run(analysis: str, config, checkpoint: str, options: Options, out_dir: str,
+        functions: CompiledFunctions | None = None) -> list[str]:
+  """Runs ``analysis`` on the checkpoint, writing into ``out_dir``; returns the figure files.
+  ``functions``: compiled functions shared with other analyses of the same network in this process
+  (default: compiled afresh)."""
+  functions = functions or CompiledFunctions()
   if analysis not in ANALYSES:
     raise ConfigError(f'unknown analysis {analysis!r}; choose one of {", ".join(ANALYSES)}')
   os.makedirs(out_dir, exist_ok=True)
   if analysis == 'evolution':
-    return run_evolution(config, checkpoint, options, out_dir)
-  net = load_network(config, checkpoint, options.step, functions=CompiledFunctions())
+    return run_evolution(config, checkpoint, options, out_dir, functions)
+  net = load_network(config, checkpoint, options.step, functions=functions)
   return globals()[f'run_{analysis}'](net, options, out_dir)
 
 
@@ -164,9 +169,10 @@ def run_top9(net: Network, options: Options, out_dir: str) -> list[str]:
 # --- evolution ------------------------------------------------------------------------------------
 
 
-def run_evolution(config, checkpoint: str, options: Options, out_dir: str) -> list[str]:
+def run_evolution(config, checkpoint: str, options: Options, out_dir: str,
+                  functions: CompiledFunctions) -> list[str]:
   steps = checkpoint_steps(config, checkpoint)
-  functions = CompiledFunctions()  # one compile per analysis serves every checkpoint
+  # One set of compiled functions: each analysis compiles once for every checkpoint.
   nets = [load_network(config, checkpoint, s, functions=functions) for s in steps]
   if options.epochs:
     wanted = set(float(e) for e in options.epochs)
