@@ -40,6 +40,15 @@ class Program:
   train_step: Callable  # jitted, donates the state
   eval_step: Callable  # jitted
 
+  def abstract_batch(self) -> dict:
+    """A training batch of ``config.batch_size`` as ShapeDtypeStructs on the mesh (uint8 images,
+    int32 labels, split over the data axis): what ``train_step.lower`` needs to compile without
+    data."""
+    n, size = self.config.batch_size, self.config.model.image_size
+    on_mesh = sharding.batch_sharding(self.mesh)
+    return dict(image=jax.ShapeDtypeStruct((n, size, size, 3), np.uint8, sharding=on_mesh),
+                label=jax.ShapeDtypeStruct((n,), np.int32, sharding=on_mesh))
+
   @property
   def param_count(self) -> int:
     return sum(x.size for x in jax.tree.leaves(self.abstract_state.params))

@@ -6,11 +6,10 @@ import runpy
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import program, sharding
+from alexnet_jax import program
 from alexnet_jax.configs import base_config
 from alexnet_jax.models import describe
 from alexnet_jax.tools import summary
@@ -79,12 +78,7 @@ def test_comm_map_cli_json():
 def _step_flops(config) -> float:
   """XLA's FLOP count of the compiled training step of ``config``, summed over its devices."""
   prog = program.build_program(config, steps_per_epoch=100)
-  size = config.model.image_size
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(
-      prog.mesh))
-  batch = dict(image=spec((config.batch_size, size, size, 3), np.uint8), label=spec(
-      (config.batch_size,), np.int32))
-  compiled = prog.train_step.lower(prog.abstract_state, batch).compile()
+  compiled = prog.train_step.lower(prog.abstract_state, prog.abstract_batch()).compile()
   return compiled.cost_analysis()['flops'] * prog.mesh.size
 
 

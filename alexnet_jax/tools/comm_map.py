@@ -17,12 +17,11 @@ import dataclasses
 import json
 import re
 
-import jax
 import numpy as np
 from absl import flags
 from flax import nnx
 
-from alexnet_jax import cli, distributed, models, program, sharding
+from alexnet_jax import cli, distributed, models, program
 
 KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'collective-permute', 'all-to-all')
 # The step's own named scopes (steps.py), after the model's layers.
@@ -151,12 +150,8 @@ def summarize(colls: list[Collective], scopes=SCOPES) -> list[dict]:
 def compiled_train_step_hlo(config, compiler_options=None) -> tuple[str, dict[str, int]]:
   """The optimised HLO of the configured training step, and the mesh shape it was compiled for."""
   prog = program.build_program(config, steps_per_epoch=1)
-  image = config.model.image_size
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(
-      prog.mesh))
-  batch = dict(image=spec((config.batch_size, image, image, 3), np.uint8), label=spec(
-      (config.batch_size,), np.int32))
-  hlo = prog.train_step.lower(prog.abstract_state, batch).compile(compiler_options).as_text()
+  lowered = prog.train_step.lower(prog.abstract_state, prog.abstract_batch())
+  hlo = lowered.compile(compiler_options).as_text()
   return hlo, dict(prog.mesh.shape)
 
 
