@@ -29,8 +29,8 @@ COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 class Program:
   config: Any
   mesh: jax.sharding.Mesh
-  spec: models.Spec  # the model's hyper-parameters
-  model: models.Classifier  # abstract (shapes only): the capabilities it declares
+  # Abstract (shapes only): the capabilities it declares, and its hyper-parameters (model.spec).
+  model: models.Classifier
   graphdef: nnx.GraphDef
   tx: optax.GradientTransformation
   state_specs: TrainState  # PartitionSpecs
@@ -146,8 +146,8 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
       out_specs=(state_specs, P()))
   evaluate = sharding.shard_step(steps.make_eval_step(graphdef, ctx, **norm), mesh,
                                  in_specs=(param_specs, stats_specs, batch_specs), out_specs=P())
-  return Program(config=config, mesh=mesh, spec=models.spec_from_config(config.model),
-                 model=abstract_model, graphdef=graphdef, tx=tx, state_specs=state_specs,
-                 state_shardings=state_shardings, abstract_state=abstract_state,
-                 init_state=jax.jit(init_fn, out_shardings=state_shardings),
+  return Program(config=config, mesh=mesh, model=abstract_model, graphdef=graphdef, tx=tx,
+                 state_specs=state_specs, state_shardings=state_shardings,
+                 abstract_state=abstract_state, init_state=jax.jit(init_fn,
+                                                                   out_shardings=state_shardings),
                  train_step=jax.jit(train, donate_argnums=0), eval_step=jax.jit(evaluate))

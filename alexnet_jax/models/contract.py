@@ -62,6 +62,7 @@ class Classifier(nnx.Module):
   supports_deconv: ClassVar[bool] = False
   aux_loss_weight: float = 0.0  # GoogLeNet sets its own
   layer_names: tuple[str, ...]  # every model sets it (in its class or its constructor)
+  spec: Spec  # the validated hyper-parameters the model was built from
 
   @property
   def has_aux_heads(self) -> bool:

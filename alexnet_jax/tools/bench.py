@@ -104,7 +104,7 @@ def measure(config, *, batch_size: int, steps: int, warmup: int, repeats: int,
     bare_s.append(dt)
     if trainer is not None:
       torch_s.append(trainer.time_steps(steps))
-  result = dict(model=config.model.name, towers=prog.spec.towers, batch_size=batch_size,
+  result = dict(model=config.model.name, towers=prog.model.spec.towers, batch_size=batch_size,
                 image_size=size, dtype=config.compute_dtype, mesh=dict(prog.mesh.shape),
                 device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
                 framework_images_per_second=batch_size / min(framework_s),
