@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging as pylogging
+import os
+import re
 import runpy
 import sys
 
@@ -13,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from alexnet_jax import configs, host
-from alexnet_jax.errors import UserError
+from alexnet_jax.errors import ConfigError, DirectoryError, UserError
 
 
 def define_config_flag() -> None:
@@ -57,15 +59,18 @@ def user_errors_exit():
     yield
   except UserError as e:
     logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _report(str(e))
 
 
 def run(main) -> None:
   """``app.run(main)`` with the host flags applied and bad input reported by
-  ``user_errors_exit``, an override naming no config field included."""
+  ``user_errors_exit``, a bad command line included (``_parse_flags``)."""
 
   def guarded(argv):
+    with user_errors_exit():
+      if 'config' in flags.FLAGS and flags.FLAGS.config is not None:
+        # A bad value ends the program here, not after a restart for huge pages.
+        configs.check_fields(flags.FLAGS.config)
     apply_host_flags()
     with user_errors_exit():
       return main(argv)
@@ -74,16 +79,104 @@ def run(main) -> None:
 
 
 def _parse_flags(argv):
-  """absl's parsing, with ml_collections' bare ``AttributeError`` for an override of a locked
-  config's missing field turned into one line that names it."""
+  """absl's parsing, with a bad command line told in one ``error:`` line and status 2: a
+  ``--config`` file that is missing or does not compile, overrides without ``--config``, an
+  override naming no field of a locked config (ml_collections' bare ``AttributeError``), a
+  ``ConfigError`` raised by the config file, and absl's own one-line complaints (an unknown flag,
+  a value of the wrong type or out of a flag's bounds). A config file that fails in any other way
+  keeps its traceback: that is a bug, in the file or in our code."""
   try:
-    return app.parse_flags_with_usage(argv)
+    if 'config' in flags.FLAGS:
+      check_config_argument(flags.FLAGS.read_flags_from_files(argv, force_gnu=False))
+    return flags.FLAGS(argv)
+  except UserError as e:
+    _report(str(e))
+  except flags.Error as e:
+    raised_by_config = _innermost_user_error(e)
+    if raised_by_config is not None:
+      _report(f'--config: {raised_by_config}')
+    if '\n' in str(e):
+      raise  # absl's message carries a traceback from get_config(): not a flag value's fault
+    _report(f'{e} (see --helpshort)')
   except (AttributeError, KeyError):
     problem = unknown_override(argv)
     if problem is None:
       raise  # not a misspelt override: a bug, or an error in the config file itself
-    print(f'error: {problem}', file=sys.stderr)
-    sys.exit(2)
+    _report(problem)
+
+
+def _report(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _innermost_user_error(e: BaseException) -> UserError | None:
+  """The ``UserError`` deepest in ``e``'s chain: ml_collections re-raises a config file's
+  ``ValueError`` as one of the same type whose message is the traceback; absl wraps that again."""
+  found = None
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, UserError):
+      found = e
+    e = e.__cause__ or e.__context__
+  return found
+
+
+def check_config_argument(argv) -> None:
+  """Refuses (``ConfigError``) ``--config.*`` overrides without ``--config``, and a ``--config``
+  file that cannot be read or does not compile, before ml_collections loads it (it would defer a
+  missing file to the first access of the config, and let a ``SyntaxError`` out as a traceback
+  of its loader)."""
+  value = None
+  for i, arg in enumerate(argv):
+    if re.match(r'^--?config=', arg):
+      value = arg.split('=', 1)[1]
+    elif re.match(r'^--?config$', arg) and i + 1 < len(argv):
+      value = argv[i + 1]
+  if value is None:
+    override = next((a for a in argv if re.match(r'^--?(no)?config\.', a)), None)
+    if override is not None:
+      raise ConfigError(f'{override.split("=", 1)[0]} overrides a field of the config, and '
+                        '--config is required to name the config file, e.g. '
+                        '--config=configs/demo.py')
+    return
+  path = value.split(':', 1)[0]  # after the colon: the argument of get_config
+  try:
+    with open(path, 'rb') as f:
+      source = f.read()
+  except OSError as e:
+    raise ConfigError(f'--config={path}: cannot read the config file ({e.strerror}); name a '
+                      'config file, e.g. --config=configs/demo.py') from None
+  try:
+    compile(source, path, 'exec')
+  except SyntaxError as e:
+    text = f': {e.text.strip()!r}' if e.text and e.text.strip() else ''
+    raise ConfigError(f'--config={path}: the config file does not compile: {e.msg} '
+                      f'(line {e.lineno}{text})') from None
+
+
+def writable_directory(path: str, flag: str) -> None:
+  """Refuses (``DirectoryError``) a directory ``path``, named by ``flag``, that could not be
+  created or written: a file, a path under a file, or one in a directory without write
+  permission. Checked before any work starts, so that a run does not end in an ``OSError`` after
+  compiling, or hours later at its first checkpoint; nothing is created here."""
+  if '://' in path:
+    return  # a bucket (gs://...): its storage library tells its own errors
+  target = os.path.abspath(path)
+  existing = target
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    if existing == target:
+      raise DirectoryError(f'{flag}={path} is not a directory (a file of that name exists); '
+                           'name a directory, or a path where one can be created')
+    raise DirectoryError(f'{flag}={path} lies under {existing}, which is a file, not a '
+                         'directory; name a path under a directory')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    where = 'is' if existing == target else f'would be created in {existing}, which is'
+    raise DirectoryError(f'{flag}={path} {where} not writable; name a directory you can write '
+                         'to, or give yourself write permission (chmod u+w)')
 
 
 def unknown_override(argv) -> str | None:
@@ -111,6 +204,36 @@ def unknown_override(argv) -> str | None:
 
 def quiet_orbax_info() -> None:
   """Keep orbax's INFO records (one per checkpoint step opened or saved) out of the log; its
-  warnings and errors still show."""
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= pylogging.WARNING or 'orbax' not in r.pathname)
+  warnings and errors still show, each in one line: when a write fails (a full disk), its
+  background threads log the same traceback many times over before the loop reports the failure
+  in its own line (``checkpointing.wait``)."""
+
+  def one_line(record) -> bool:
+    if 'orbax' not in record.pathname:
+      return True
+    if record.levelno < pylogging.WARNING:
+      return False
+    if record.exc_info or record.exc_text:
+      reason = record.exc_info[1] if record.exc_info else None
+      record.msg = f'{record.getMessage().splitlines()[0]}: {str(reason).splitlines()[0][:300]}'
+      record.args, record.exc_info, record.exc_text = (), None, None
+    return True
+
+  logging.get_absl_handler().addFilter(one_line)
+  sys.unraisablehook = _without_event_loop_noise(sys.unraisablehook)
+
+
+def _without_event_loop_noise(hook):
+  """``sys.unraisablehook`` less two messages orbax's asyncio writers leave when a save or a
+  restore failed (already reported): tensorstore completing a write on an event loop that orbax
+  closed, and coroutines finalised while the interpreter shuts down."""
+
+  def filtered(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == 'Event loop is closed':
+      return
+    if isinstance(e, ImportError) and 'Python is likely shutting down' in str(e):
+      return
+    hook(unraisable)
+
+  return filtered

@@ -8,10 +8,16 @@ default of its own. ``config.model``'s fields and defaults are those of the mode
 
 ``check_fields`` refuses a config that names a field no code reads (a typo in a config file would
 otherwise be ignored); entry points lock the config, so a command-line override naming one is
-refused by ml_collections itself.
+refused by ml_collections itself. It also refuses a value outside the field's declared range
+(``VALUE_RANGES``, ``MODEL_RANGES``, ``CHOICES``), before any device, data set or workdir is
+touched: a run must not end, hours later or at once, having trained nothing.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
 
 import ml_collections
 
@@ -129,10 +135,12 @@ def base_config() -> ml_collections.ConfigDict:
 
 def check_fields(config) -> None:
   """Refuses (``ConfigError``, one line) a config naming a field that ``base_config`` does not
-  have, or lacking one that it has. ``config.model`` may leave out fields (its spec's defaults
-  fill them) but may name only fields of the model's spec."""
+  have, or lacking one that it has, or with a value out of range (``check_values``).
+  ``config.model`` may leave out fields (its spec's defaults fill them) but may name only fields of
+  the model's spec."""
   models.spec_from_config(config.model)
   _compare(config, base_config(), 'config')
+  check_values(config)
 
 
 def _compare(config, reference, path: str) -> None:
@@ -151,3 +159,164 @@ def _compare(config, reference, path: str) -> None:
       if not isinstance(config[key], ml_collections.ConfigDict):
         raise ConfigError(f'{path}.{key} must be a section of fields, got {config[key]!r}')
       _compare(config[key], reference[key], f'{path}.{key}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """The values a numeric field may take: numbers in ``interval`` (written ``'[0, 1)'``,
+  ``'(0, inf)'``; NaN and infinities are never in one), and ``also``, or None where ``none``.
+  ``length``: a sequence of exactly that many such numbers; ``sequence``: of any length,
+  ``increasing``: each larger than the one before."""
+  interval: str
+  also: tuple = ()
+  none: bool = False
+  length: int | None = None
+  sequence: bool = False
+  increasing: bool = False
+
+  def _bounds(self):
+    low, high = (float(b) for b in self.interval[1:-1].split(','))
+    return low, high, self.interval[0] == '[', self.interval[-1] == ']'
+
+  def _number_ok(self, v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+      return False
+    if v in self.also:
+      return True
+    low, high, low_closed, high_closed = self._bounds()
+    above = low <= v if low_closed else low < v
+    below = v <= high if high_closed else v < high
+    return above and below and math.isfinite(v)
+
+  def contains(self, value) -> bool:
+    if value is None:
+      return self.none
+    if not (self.sequence or self.length):
+      return self._number_ok(value)
+    if isinstance(value, (str, bytes)) or not hasattr(value, '__len__'):
+      return False
+    if self.length is not None and len(value) != self.length:
+      return False
+    if self.increasing and any(b <= a for a, b in zip(value, value[1:])):
+      return False
+    return all(self._number_ok(v) for v in value)
+
+  def __str__(self) -> str:
+    low, high, low_closed, high_closed = self._bounds()
+    if math.isinf(low) and math.isinf(high):
+      allowed = 'a finite number'
+    elif math.isinf(high):
+      allowed = f'{">=" if low_closed else ">"} {low:g}'
+    else:
+      allowed = f'in {self.interval}'
+    alternatives = [repr(a) for a in self.also] + (['None'] if self.none else [])
+    if self.length is not None:
+      allowed = f'{self.length} values, each {allowed}'
+    elif self.sequence:
+      allowed = f'{"increasing values" if self.increasing else "values"}, each {allowed}'
+    return ' or '.join(alternatives + [allowed])
+
+
+_POSITIVE = Range('[1, inf)')  # a count
+_NON_NEGATIVE = Range('[0, inf)')
+_ABOVE_ZERO = Range('(0, inf)')
+_FRACTION = Range('[0, 1)')  # a probability or momentum that must leave something
+_SCALE_DOWN = Range('(0, 1]')  # a factor that shrinks (1: keeps) without reaching 0
+_SEED = Range('[0, 4294967295]')  # grain takes seeds of 32 bits
+
+# Every numeric field of base_config() outside config.model, by its path below config.
+VALUE_RANGES = {
+    'seed': _SEED,
+    'mesh.data': Range('[1, inf)', also=(-1,)),  # -1: every device left
+    'mesh.model': _POSITIVE,
+    'emulate_cpu_devices': _NON_NEGATIVE,
+    'dataset.num_train': _POSITIVE,
+    'dataset.num_val': _POSITIVE,
+    'dataset.image_size': _POSITIVE,
+    'dataset.seed': _SEED,
+    'dataset.max_bad_fraction': Range('[0, 1]'),
+    'input.mean_rgb': Range('(-inf, inf)', length=3),
+    'input.std_rgb': Range('(0, inf)', length=3),
+    'input.workers': _NON_NEGATIVE,
+    'input.prefetch_batches': _NON_NEGATIVE,
+    'input.resize_to': Range('[1, inf)', none=True),  # None: the images as stored
+    'input.pca_lighting_std': _NON_NEGATIVE,
+    'batch_size': _POSITIVE,
+    'eval_batch_size': _POSITIVE,
+    # train.py runs int(num_epochs * steps_per_epoch) steps: an int field, so at least one epoch.
+    'num_epochs': _POSITIVE,
+    'optim.learning_rate': _ABOVE_ZERO,
+    'optim.momentum': _FRACTION,
+    'optim.weight_decay': _NON_NEGATIVE,
+    'optim.plateau_factor': _SCALE_DOWN,
+    'optim.plateau_patience': _NON_NEGATIVE,
+    'optim.plateau_threshold': _NON_NEGATIVE,
+    'optim.max_drops': _NON_NEGATIVE,
+    # Boundaries of a piecewise-constant schedule: a repeated epoch would merge two drops.
+    'optim.step_epochs': Range('[0, inf)', sequence=True, increasing=True),
+    'optim.step_factor': _SCALE_DOWN,
+    'optim.warmup_epochs': _NON_NEGATIVE,
+    'optim.filter_rms_clip': _NON_NEGATIVE,  # 0: off
+    'log_every_steps': _POSITIVE,
+    'eval_every_epochs': _POSITIVE,
+    'checkpoint.every_epochs': _POSITIVE,
+    'checkpoint.keep': _POSITIVE,
+    'checkpoint.keep_epochs': Range('[0, inf)', sequence=True),
+    'visualize.every_epochs': _NON_NEGATIVE,  # 0: never
+    'visualize.images': _POSITIVE,
+}
+
+# The numeric fields of every model's spec, by field name (the same name means the same thing in
+# every spec). What depends on the model or on other fields (AlexNet's smallest image, VGG's
+# variants, ResNet's depths) is the spec's own ``validate``.
+MODEL_RANGES = {
+    'towers': _POSITIVE,
+    'num_classes': _POSITIVE,
+    'image_size': _POSITIVE,
+    'width': _ABOVE_ZERO,
+    'dropout': _FRACTION,
+    'aux_dropout': _FRACTION,
+    'aux_loss_weight': _NON_NEGATIVE,
+    'weight_std': _ABOVE_ZERO,
+    'conv_widths': Range('[1, inf)', length=3),
+    'fc_width': _POSITIVE,
+    'remove': Range('[1, inf)', sequence=True),
+    'depth': _POSITIVE,
+    'bn_momentum': _FRACTION,
+}
+
+# The string fields that name one of a few options, and their options. Their owners: optim
+# (learning_rate_schedule), program.COMPUTE_DTYPES, data.augment (view_windows) and
+# data.pipeline.WORKER_PRIORITIES; tests/test_configs.py checks that they agree.
+CHOICES = {
+    'compute_dtype': ('float32', 'bfloat16'),
+    'optim.schedule': ('plateau', 'step', 'cosine'),
+    'input.eval_views': ('ten', 'center'),
+    'input.worker_priority': ('normal', 'low', 'idle'),
+}
+
+
+def check_values(config) -> None:
+  """Refuses (``ConfigError``, one line) a value outside its field's declared range or choices."""
+  for path, allowed in CHOICES.items():
+    value = _get(config, path)
+    if value not in allowed:
+      raise ConfigError(f'config.{path}={value!r} is not one of: '
+                        f'{", ".join(map(repr, allowed))}')
+  checks = [(path, _get(config, path), r) for path, r in VALUE_RANGES.items()]
+  checks += [(f'model.{k}', config.model[k], MODEL_RANGES[k])
+             for k in config.model.keys()
+             if k in MODEL_RANGES]
+  for path, value, allowed in checks:
+    if not allowed.contains(value):
+      raise ConfigError(f'config.{path}={_shown(value)} is out of range: must be {allowed}')
+
+
+def _get(config, path: str):
+  for key in path.split('.'):
+    config = config[key]
+  return config
+
+
+def _shown(value) -> str:
+  return repr(tuple(value)) if isinstance(value, list) else repr(value)

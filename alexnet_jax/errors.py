@@ -41,3 +41,13 @@ class CheckpointError(UserError, RuntimeError):
 
 class PrepareError(UserError, ValueError):
   """Bad arguments to ``prepare`` or a source folder that cannot be prepared."""
+
+
+class DivergedError(UserError, FloatingPointError):
+  """Training produced a NaN or infinite loss or parameter (the message says at which step, what
+  was kept and what to try)."""
+
+
+class DirectoryError(UserError, ValueError):
+  """A directory named on the command line (``--workdir``, ``--out``) that is a file, lies under
+  one, or cannot be written."""

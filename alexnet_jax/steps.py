@@ -95,8 +95,22 @@ def tower_split_cross_entropy(logits: jax.Array, labels: jax.Array, ctx: MeshCon
     is_label = _tower_label_mask(logits.shape, labels, ctx)
     label_logit = ctx.tower_sum(jnp.sum(jnp.where(is_label, logits, 0.0), axis=(0, 2)))
     above = jax.lax.stop_gradient(logits) > jax.lax.stop_gradient(label_logit)[None, :, None]
-    rank = ctx.tower_sum(jnp.sum(above, axis=(0, 2), dtype=jnp.int32))
+    rank = ctx.tower_sum(_count_with_non_finite(above, logits))
   return log_z - label_logit, rank
+
+
+# The rank given to an example with a NaN or infinite score: beyond any top-k, so it counts as an
+# error in every metric (a NaN compares False with everything and would otherwise rank first).
+NON_FINITE_RANK = 1 << 20
+
+
+def _count_with_non_finite(above: jax.Array, scores: jax.Array) -> jax.Array:
+  """Per example, the classes of this device's towers above the label, plus ``NON_FINITE_RANK``
+  where any of its scores is not finite; summed over the towers by the caller, in the same
+  reduction."""
+  count = jnp.sum(above, axis=(0, 2), dtype=jnp.int32)
+  bad = jnp.any(~jnp.isfinite(jax.lax.stop_gradient(scores)), axis=(0, 2))
+  return count + NON_FINITE_RANK * bad.astype(jnp.int32)
 
 
 def tower_split_view_average(logits: jax.Array, labels: jax.Array, ctx: MeshContext, views: int):
@@ -114,7 +128,7 @@ def tower_split_view_average(logits: jax.Array, labels: jax.Array, ctx: MeshCont
     probs = probs.reshape(local_towers, n // views, views, per_tower).mean(axis=2)
     is_label = _tower_label_mask(probs.shape, labels, ctx)
     label_prob = ctx.tower_sum(jnp.sum(jnp.where(is_label, probs, 0.0), axis=(0, 2)))
-    rank = ctx.tower_sum(jnp.sum(probs > label_prob[None, :, None], axis=(0, 2), dtype=jnp.int32))
+    rank = ctx.tower_sum(_count_with_non_finite(probs > label_prob[None, :, None], probs))
   return -jnp.log(jnp.maximum(label_prob, jnp.finfo(jnp.float32).tiny)), rank
 
 

@@ -15,11 +15,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from alexnet_jax import checkpointing, configs, optim, sharding
+from alexnet_jax import checkpointing, configs, optim, preemption, sharding
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax import program as program_lib
 from alexnet_jax.data import inputs as inputs_lib
 from alexnet_jax.data import pipeline
+from alexnet_jax.errors import CheckpointError, ConfigError, DivergedError
 
 
 def evaluate(prog: program_lib.Program, state, eval_ds) -> dict[str, float]:
@@ -52,14 +53,63 @@ class EpochEnd:
 Hook = Callable[[EpochEnd], None]
 
 
-def _mean(history: list[dict[str, Any]]) -> dict[str, float]:
-  history = jax.device_get(history)
+def _mean(history: list[dict[str, float]]) -> dict[str, float]:
   return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
 
 
+def _check_finite(history: list[dict[str, float]], first_step: int, config, manager) -> None:
+  """Raises ``DivergedError`` at the first step of ``history`` (host values of steps
+  ``first_step``, ``first_step + 1``, …) whose loss is NaN or infinite."""
+  for i, h in enumerate(history):
+    if not np.isfinite(h['loss']):
+      raise _diverged(first_step + i, 'the training loss is ' + str(h['loss']), config, manager)
+
+
+def _diverged(step: int, what: str, config, manager) -> DivergedError:
+  checkpointing.wait(manager)
+  kept = manager.latest_step()
+  kept = (f'checkpoint {kept} is intact and a rerun resumes from it'
+          if kept is not None else 'no checkpoint had been saved')
+  lr = float(config.optim.learning_rate)
+  hints = [f'a lower --config.optim.learning_rate (it is {lr:g}; try {lr / 10:g})']
+  if not config.optim.warmup_epochs:
+    hints.append('a warm-up (--config.optim.warmup_epochs=1)')
+  if config.compute_dtype != 'float32':
+    hints.append('--config.compute_dtype=float32')
+  return DivergedError(f'training diverged at step {step}: {what}; nothing from that step on was '
+                       f'saved ({kept}); try {" or ".join(hints)}')
+
+
+def _check_data_position(meta: dict, config, num_examples: int) -> None:
+  """A checkpoint's data position carries over to any process count and mesh, but not to another
+  batch size, seed or training set: refuses those with what to do instead."""
+  data = meta.get('data')
+  if data is None:  # written before positions were recorded
+    return
+  step = meta.get('step')
+  why = dict(
+      batch_size=('its steps, epochs and learning-rate schedule count batches of that size',
+                  f'--config.batch_size={data["batch_size"]}'),
+      seed=('the order of the examples is drawn from the seed', f'--config.seed={data["seed"]}'),
+      examples=('the order of the examples is a permutation of that many',
+                'the training set it was trained on'))
+  now = dict(batch_size=int(config.batch_size), seed=int(config.seed), examples=int(num_examples))
+  for key, (reason, fix) in why.items():
+    if int(data[key]) != now[key]:
+      raise ConfigError(
+          f'the checkpoint at step {step} was trained with {key}={data[key]} and this run has '
+          f'{key}={now[key]}: {reason}, so its position in the data cannot be carried over; '
+          f'resume with {fix}, or use a new --workdir')
+
+
 def train_and_evaluate(config, workdir: str, hooks: Sequence[Hook] = ()) -> dict[str, float]:
-  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final
-  validation metrics. ``hooks`` run after every epoch, before its checkpoint is saved."""
+  """Trains ``config`` in ``workdir`` (resuming from its newest intact checkpoint) and returns the
+  final validation metrics. ``hooks`` run after every epoch, before its checkpoint is saved.
+
+  Raises:
+    DivergedError: the loss or the parameters became NaN or inf (no such state is saved).
+    preemption.Preempted: SIGTERM or SIGINT arrived; a checkpoint was saved at the next step.
+  """
   configs.check_fields(config)
   mesh = program_lib.make_mesh(config)
   program_lib.check_batch(config, mesh)
@@ -72,22 +122,36 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Hook] = ()) -> dict
   logging.info('mesh %s, %s parameters, %d steps per epoch, %d steps', dict(mesh.shape),
                f'{prog.param_count:,}', steps_per_epoch, total_steps)
 
-  eval_ds = inputs_lib.eval_batches(config, data.eval_source)  # iterated afresh at every evaluation
-  train_iter = inputs_lib.train_batches(config, data.train_source, mesh)
-
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), config.checkpoint,
                                        steps_per_epoch)
+  try:
+    val = _train(config, workdir, hooks, data, prog, manager, steps_per_epoch, total_steps)
+    checkpointing.wait(manager)
+    return val
+  except BaseException:
+    try:  # a save in flight is finished, whatever ended the run; what ended it is reported
+      checkpointing.wait(manager)
+    except CheckpointError as e:
+      logging.warning('%s', e)
+    raise
+  finally:
+    manager.close()
+
+
+def _train(config, workdir, hooks, data, prog, manager, steps_per_epoch: int,
+           total_steps: int) -> dict[str, float]:
   keep_epochs = set(config.checkpoint.keep_epochs)
   plateau = optim.PlateauController(factor=config.optim.plateau_factor,
                                     patience=config.optim.plateau_patience,
                                     threshold=config.optim.plateau_threshold,
                                     max_drops=config.optim.max_drops)
-  restored = checkpointing.restore_latest(manager, prog.abstract_state, train_iter)
+  restored = checkpointing.restore_latest(manager, prog.abstract_state)
   if restored is None:
     state = prog.init_state()
     val = {}
   else:
+    _check_data_position(restored.meta, config, len(data.train_source))
     state = restored.state
     plateau.load_state_dict(restored.meta['plateau'])
     val = restored.meta.get('val', {})
@@ -95,65 +159,91 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Hook] = ()) -> dict
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   if step >= total_steps:
     logging.info('already trained for %d steps', step)
+  eval_ds = inputs_lib.eval_batches(config, data.eval_source)  # iterated afresh at every evaluation
+  train_iter = inputs_lib.train_batches(config, data.train_source, prog.mesh, start_step=step)
+  data_position = dict(batch_size=int(config.batch_size), seed=int(config.seed),
+                       examples=len(data.train_source))
 
-  # Checkpoint metadata: read when called, so it carries the loop's current step and metrics.
-  meta = lambda epoch: dict(epoch=epoch, step=step, plateau=plateau.state_dict(), val=val)
+  def save(epoch: float, metrics=None) -> None:
+    meta = dict(epoch=epoch, step=step, plateau=plateau.state_dict(), val=val,
+                data=dict(data_position, position=step))
+    try:
+      checkpointing.save(manager, step, state, meta, metrics=metrics)
+    except checkpointing.NonFiniteState as e:
+      raise _diverged(step, str(e), config, manager) from None
+
   history: list[dict[str, Any]] = []
   window_start, window_step = time.perf_counter(), step
   run_start, run_start_step = window_start, step
-  while step < total_steps:
-    state, step_metrics = prog.train_step(state, next(train_iter))
-    history.append(step_metrics)
-    step += 1
-    epoch = step / steps_per_epoch
-    if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
-      train_metrics = _mean(history)  # waits for the step: the only host sync of the loop
-      history = []
-      now = time.perf_counter()
-      images_per_s = (step - window_step) * config.batch_size / (now - window_start)
-      train_metrics['images_per_second'] = images_per_s
-      eta = (total_steps - step) * (now - run_start) / max(step - run_start_step, 1)
-      logging.info(
-          'step %d/%d  epoch %.2f  loss %.4f  top-1 err %.4f  top-5 err %.4f  lr %.3g  '
-          '%.1f img/s  ETA %s', step, total_steps, epoch, train_metrics['loss'],
-          train_metrics['top1_error'], train_metrics['top5_error'], train_metrics['learning_rate'],
-          images_per_s, _hms(eta))
-      writer.write(step, 'train', dict(epoch=epoch, **train_metrics))
-      window_start, window_step = time.perf_counter(), step
-    if step % steps_per_epoch == 0:
-      epoch_done = step // steps_per_epoch
-      last = step == total_steps
-      if epoch_done % config.eval_every_epochs == 0 or last:
-        val = evaluate(prog, state, eval_ds)
-        logging.info('epoch %d  validation: loss %.4f  top-1 error %.4f  top-5 error %.4f',
-                     epoch_done, val['loss'], val['top1_error'], val['top5_error'])
-        writer.write(step, 'val', dict(epoch=epoch_done, **val))
-        if config.optim.schedule == 'plateau' and plateau.update(val['top1_error']):
-          logging.info('validation error stopped improving: learning rate x %.3g', plateau.scale)
-          state = state.replace(opt_state=optim.with_lr_scale(state.opt_state, plateau.scale))
-      for hook in hooks:
-        hook(
-            EpochEnd(config=config, workdir=workdir, epoch=epoch_done, step=step, program=prog,
-                     state=state, inputs=data, writer=writer))
-      if (epoch_done % config.checkpoint.every_epochs == 0 or epoch_done in keep_epochs or last or
-          manager.reached_preemption(step)):
-        metrics = {checkpointing.BEST_METRIC: val['top1_error']} if val else None
-        checkpointing.save(manager, step, state, train_iter, meta(epoch_done), metrics=metrics)
-      window_start = time.perf_counter()  # evaluation and saving are not training throughput
-    elif manager.reached_preemption(step):
-      checkpointing.save(manager, step, state, train_iter, meta(epoch))
-      manager.wait_until_finished()
-      raise SystemExit(f'preempted: checkpoint saved at step {step}')
-
-  train_iter.close()  # its worker processes and their shared-memory buffers
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+  try:
+    with preemption.StopSignals() as stop:
+      while step < total_steps:
+        state, step_metrics = prog.train_step(state, next(train_iter))
+        history.append(step_metrics)
+        step += 1
+        epoch = step / steps_per_epoch
+        saved = False
+        if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
+          window_start, window_step = _log_window(history, step, total_steps, epoch, config,
+                                                  manager, writer, window_start, window_step,
+                                                  run_start, run_start_step)
+          history = []
+        if step % steps_per_epoch == 0:
+          epoch_done = step // steps_per_epoch
+          last = step == total_steps
+          if epoch_done % config.eval_every_epochs == 0 or last:
+            val = evaluate(prog, state, eval_ds)
+            logging.info('epoch %d  validation: loss %.4f  top-1 error %.4f  top-5 error %.4f',
+                         epoch_done, val['loss'], val['top1_error'], val['top5_error'])
+            writer.write(step, 'val', dict(epoch=epoch_done, **val))
+            if config.optim.schedule == 'plateau' and plateau.update(val['top1_error']):
+              logging.info('validation error stopped improving: learning rate x %.3g',
+                           plateau.scale)
+              state = state.replace(opt_state=optim.with_lr_scale(state.opt_state, plateau.scale))
+          for hook in hooks:
+            hook(
+                EpochEnd(config=config, workdir=workdir, epoch=epoch_done, step=step, program=prog,
+                         state=state, inputs=data, writer=writer))
+          if (epoch_done % config.checkpoint.every_epochs == 0 or epoch_done in keep_epochs or
+              last):
+            save(epoch_done, {checkpointing.BEST_METRIC: val['top1_error']} if val else None)
+            saved = True
+          window_start = time.perf_counter()  # evaluation and saving are not training throughput
+        if stop.requested(step):
+          stop.saving()
+          if not saved:
+            _check_finite(jax.device_get(history), step - len(history) + 1, config, manager)
+            save(epoch)
+          checkpointing.wait(manager)
+          raise preemption.Preempted(step, stop.signal_name)
+  finally:
+    train_iter.close()  # its worker processes and their shared-memory buffers
+    writer.close()
   if not val:
     val = evaluate(prog, state, eval_ds)
   if jax.process_index() == 0:
     metrics_lib.plot_training_curves(workdir)
   return val
+
+
+def _log_window(history, step, total_steps, epoch, config, manager, writer, window_start,
+                window_step, run_start, run_start_step):
+  """Fetches the window's step metrics (the loop's only host sync), checks them and logs their
+  mean; returns the next window's start time and step."""
+  history = jax.device_get(history)  # waits for the step
+  _check_finite(history, step - len(history) + 1, config, manager)
+  train_metrics = _mean(history)
+  now = time.perf_counter()
+  images_per_s = (step - window_step) * config.batch_size / (now - window_start)
+  train_metrics['images_per_second'] = images_per_s
+  eta = (total_steps - step) * (now - run_start) / max(step - run_start_step, 1)
+  logging.info(
+      'step %d/%d  epoch %.2f  loss %.4f  top-1 err %.4f  top-5 err %.4f  lr %.3g  '
+      '%.1f img/s  ETA %s', step, total_steps, epoch, train_metrics['loss'],
+      train_metrics['top1_error'], train_metrics['top5_error'], train_metrics['learning_rate'],
+      images_per_s, _hms(eta))
+  writer.write(step, 'train', dict(epoch=epoch, **train_metrics))
+  return time.perf_counter(), step
 
 
 def _hms(seconds: float) -> str:

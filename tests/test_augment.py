@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from skimage import data
 
-from alexnet_jax import checkpointing, program, sharding, steps, train
+from alexnet_jax import program, sharding, steps, train
 from alexnet_jax.data import (
     augment,
     builtin,
@@ -204,12 +204,13 @@ def test_ten_view_evaluation_is_the_average_of_single_view_predictions(view_prog
 
 
 # ---------------------------------------------------------------------------
-# Determinism and resumption through the orbax checkpoint
+# Determinism and resumption: the data is a function of the seed and the step
 # ---------------------------------------------------------------------------
 
 
-def _stream(src, seed):
-  return pipeline.train_dataset(src, global_batch_size=8, crop_size=64, seed=seed, pca_std=0.1)
+def _stream(src, seed, **kw):
+  return pipeline.train_dataset(src, global_batch_size=8, crop_size=64, seed=seed, pca_std=0.1,
+                                **kw)
 
 
 def _same(a, b):
@@ -218,7 +219,7 @@ def _same(a, b):
     np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
 
 
-def test_same_seed_same_batches_and_mid_epoch_resume(tiny_dir, tmp_path):
+def test_same_seed_same_batches_and_mid_epoch_resume(tiny_dir):
   src = catalog.open_record_directory(tiny_dir, 'train')  # 48 examples: 6 batches per epoch
   identity = lambda b: b
   straight = pipeline.DevicePrefetch(iter(_stream(src, 7)), identity, size=2)
@@ -227,27 +228,30 @@ def test_same_seed_same_batches_and_mid_epoch_resume(tiny_dir, tmp_path):
   for e in expected[:3]:
     _same(e, next(again))  # same seed, same batches (with or without read-ahead)
   assert not np.array_equal(next(iter(_stream(src, 8)))['image'], expected[0]['image'])
+  # Epochs are different permutations of the whole set.
+  first, second = (np.concatenate([b['label'] for b in expected[i:i + 6]]) for i in (0, 6))
+  assert sorted(first) == sorted(second) and not np.array_equal(first, second)
 
-  # Stop after 4 batches (mid-epoch; 2 more already read ahead), checkpoint, resume elsewhere.
-  first = pipeline.DevicePrefetch(iter(_stream(src, 7)), identity, size=2)
-  for e in expected[:4]:
-    _same(e, next(first))
-  state = steps.TrainState(step=jnp.int32(4), params={'w': jnp.ones(3)},
-                           opt_state={'m': jnp.zeros(3)},
-                           rng=jax.random.key_data(jax.random.key(0)))
-  cfg = tiny_config().checkpoint
-  cfg.async_save = False
-  manager = checkpointing.make_manager(str(tmp_path / 'ckpt'), cfg)
-  checkpointing.save(manager, 4, state, first, dict(epoch=0.67))
-  manager.wait_until_finished()
-
-  resumed = pipeline.DevicePrefetch(iter(_stream(src, 7)), identity, size=2)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
-  restored = checkpointing.restore_latest(manager, abstract, resumed)
-  assert restored.step == 4
-  for e in expected[4:]:  # the rest of epoch 1 and all of epoch 2, as the straight run
+  # A run stopped after 4 batches (mid-epoch) resumes at its step: the rest of epoch 1 and all of
+  # epoch 2 as the straight run saw them.
+  resumed = pipeline.DevicePrefetch(iter(_stream(src, 7, start_batch=4)), identity, size=2)
+  for e in expected[4:]:
     _same(e, next(resumed))
+
+
+@pytest.mark.parametrize('processes, start', [(2, 0), (4, 3)])
+def test_the_global_batches_do_not_depend_on_the_process_count(tiny_dir, processes, start):
+  """Each process's rows of a global batch, stacked in process order (as the mesh places them),
+  are the one-process batch: the same examples, crops, flips and colour shifts, from any step."""
+  src = catalog.open_record_directory(tiny_dir, 'train')
+  one = iter(_stream(src, 7, start_batch=start))
+  shares = [
+      iter(_stream(src, 7, start_batch=start, process_index=p, process_count=processes))
+      for p in range(processes)
+  ]
+  for _ in range(8):  # across the epoch border
+    parts = [next(it) for it in shares]
+    _same(next(one), {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
 
 # ---------------------------------------------------------------------------

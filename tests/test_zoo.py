@@ -443,9 +443,9 @@ def test_batch_norm_statistics_are_checkpointed(tmp_path):
   cfg.async_save = False
   manager = checkpointing.make_manager(str(tmp_path), cfg)
   state = jax.device_put(t.state, t.prog.state_shardings)
-  checkpointing.save(manager, 1, state, None, dict(epoch=1))
+  checkpointing.save(manager, 1, state, dict(epoch=1))
   manager.wait_until_finished()
-  restored = checkpointing.restore_latest(manager, t.prog.abstract_state, None).state
+  restored = checkpointing.restore_latest(manager, t.prog.abstract_state).state
   for a, b in zip(jax.tree.leaves(t.state.batch_stats), jax.tree.leaves(restored.batch_stats)):
     np.testing.assert_array_equal(a, np.asarray(b))
   assert len(jax.tree.leaves(restored.batch_stats)) == 16

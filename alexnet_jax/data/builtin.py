@@ -191,9 +191,9 @@ def is_complete(directory: str) -> bool:
   try:
     with open(os.path.join(directory, 'metadata.json')) as f:
       meta = json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
+  except (FileNotFoundError, ValueError):  # ValueError: damaged (not JSON, not UTF-8)
     return False
-  if meta.get('format_version') != FORMAT_VERSION:
+  if not isinstance(meta, dict) or meta.get('format_version') != FORMAT_VERSION:
     return False
   return all(
       os.path.isfile(os.path.join(directory, shard))

@@ -69,7 +69,14 @@ def open_source(dataset_cfg, split: str, *, min_side: int | None = None,
 def open_record_directory(directory: str, split: str, *,
                           max_bad_fraction: float = 0.01) -> ArrayRecordImageSource:
   """Opens a split of a directory of `encode_record` shards with a metadata.json: the built-in
-  set (as `ensure_builtin` returns) or a set written by `alexnet_jax.tools.prepare`."""
+  set (as `ensure_builtin` returns) or a set written by `alexnet_jax.tools.prepare`.
+
+  Raises:
+    DatasetNotFoundError: no (or a damaged) metadata.json, or no such split.
+    sources.DamagedShardError: a shard of the split is missing, truncated or overwritten, or the
+      shards hold another number of records than the metadata says; the message names the shard
+      and how to rebuild the set.
+  """
   meta_path = os.path.join(directory, 'metadata.json')
   try:
     with open(meta_path) as f:
@@ -78,6 +85,9 @@ def open_record_directory(directory: str, split: str, *,
     raise DatasetNotFoundError(
         f'no metadata.json in {directory}: not a finished set; the built-in set is created on '
         f'first use, a folder of images by `python -m alexnet_jax.tools.prepare`') from None
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: a damaged file
+    raise DatasetNotFoundError(
+        f'{meta_path} is damaged ({e}); {_remedy(directory, None)}') from None
   splits = meta['splits']
   resolved = _resolve_split(split, list(splits))
   if resolved is None:
@@ -88,7 +98,20 @@ def open_record_directory(directory: str, split: str, *,
                      num_classes=int(meta['num_classes']), class_names=tuple(meta['class_names']),
                      image_size=int(meta['image_size']), location=directory)
   paths = [os.path.join(directory, shard) for shard in entry['shards']]
-  return ArrayRecordImageSource(paths, info, max_bad_fraction=max_bad_fraction)
+  return ArrayRecordImageSource(paths, info, max_bad_fraction=max_bad_fraction,
+                                remedy=_remedy(directory, meta))
+
+
+def _remedy(directory: str, meta: dict | None) -> str:
+  """How to rebuild the set in ``directory``, said for its error messages."""
+  directory = os.path.normpath(directory)
+  if os.path.basename(os.path.dirname(directory)) == builtin.NAME:
+    return f'delete {directory} and run again: the built-in set is then generated anew'
+  source = meta.get('source') if isinstance(meta, dict) else None
+  command = ('python -m alexnet_jax.tools.prepare '
+             f'--source={source or "DIR"} --name={os.path.basename(directory)} '
+             f'--data_dir={os.path.dirname(directory)}')
+  return f'delete {directory} and prepare it again (`{command}`)'
 
 
 def _resolve_split(split: str, available: list[str]) -> str | None:

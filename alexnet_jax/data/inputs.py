@@ -81,16 +81,16 @@ def check_data(config, train_source) -> None:
                       f'batch of {config.batch_size}; lower --config.batch_size')
 
 
-def train_batches(config, train_source, mesh) -> pipeline.DevicePrefetch:
-  """This process's training batches with ``config.input``'s augmentation, arriving on ``mesh``
-  ``prefetch_batches`` ahead of the step; its checkpoint records the position of the next batch
-  the step will see."""
+def train_batches(config, train_source, mesh, start_step: int = 0) -> pipeline.DevicePrefetch:
+  """This process's training batches with ``config.input``'s augmentation from the one after step
+  ``start_step`` on (the same for any process count), arriving on ``mesh`` ``prefetch_batches``
+  ahead of the step."""
   inp = config.input
   return pipeline.DevicePrefetch(
       iter(
           pipeline.train_dataset(train_source, global_batch_size=config.batch_size,
                                  crop_size=config.model.image_size, seed=config.seed,
-                                 process_index=jax.process_index(),
+                                 start_batch=start_step, process_index=jax.process_index(),
                                  process_count=jax.process_count(), workers=inp.workers,
                                  resize_to=inp.resize_to, random_crop=inp.random_crop,
                                  flip=inp.flip, pca_std=inp.pca_lighting_std,

@@ -12,23 +12,25 @@ int}` (see `catalog.open_source`) and yield host-local batches of numpy arrays:
   real examples and 0.0 for padding (zero images, label 0) that fills the last batch, so
   shapes stay static.
 
-`local_batch = global_batch_size // process_count`; each process reads the records
-`process_index::process_count`. Images stay uint8: normalisation belongs on the device.
+`local_batch = global_batch_size // process_count`. Training: process p gets rows
+`p·local_batch …` of every global batch of one global stream (see `train_dataset`); evaluation:
+each process reads the records `process_index::process_count`. Images stay uint8: normalisation
+belongs on the device.
 
-The train iterator is a grain `DatasetIterator`: `it.get_state()` / `it.set_state(s)`
-checkpoint and resume it exactly (same following batches), with or without worker
-processes. Randomness (shuffle order, crop offsets, flips) derives from `seed`, the
-process index and the example position only, so it does not depend on thread timing.
+Randomness (shuffle order, crop offsets, flips, colour shifts) derives from `seed` and the
+example's position in the global stream only, so it depends neither on thread timing nor on the
+number of processes, and a run resumes at global batch `start_batch` (the step it reached) with no
+iterator state to store.
 """
 
 from __future__ import annotations
 
 import collections
-import copy
 import functools
-import json
 import math
 import os
+import threading
+import time
 
 import grain
 import numpy as np
@@ -147,11 +149,6 @@ class _Padding(grain.transforms.Map):
 # ---------------------------------------------------------------------------
 
 
-def _process_seed(seed: int, process_index: int) -> int:
-  """Distinct, reproducible seed per process (so processes draw independent crops)."""
-  return int(np.random.SeedSequence([int(seed), int(process_index)]).generate_state(1)[0])
-
-
 def _ensure_absl_flags_parsed() -> None:
   """grain's worker processes read absl flags (profiling switches); outside an absl
   app (tests, notebooks) nobody parsed them, so mark them parsed with their defaults."""
@@ -169,13 +166,23 @@ WORKER_PRIORITIES = {
 }
 
 
-def _set_worker_priority(priority: str, worker_index: int, worker_count: int) -> None:
-  """grain's worker start-up (see ``WORKER_PRIORITIES``)."""
+def _init_worker(priority: str, worker_index: int, worker_count: int) -> None:
+  """grain's worker start-up: the worker's priority (``WORKER_PRIORITIES``), and a watch that ends
+  the worker when the training process is gone, however it ended (even SIGKILL), so no input
+  worker outlives its run."""
   del worker_index, worker_count
   if priority in ('low', 'idle'):
     os.nice(19)
   if priority == 'idle' and hasattr(os, 'SCHED_IDLE'):
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:  # re-parented (to init or a subreaper) once the parent is gone
+      time.sleep(0.5)
+    os._exit(1)
+
+  threading.Thread(target=watch, name='parent-watch', daemon=True).start()
 
 
 def finish(ds: grain.MapDataset, *, workers: int, read_threads: int, prefetch_buffer: int,
@@ -187,41 +194,47 @@ def finish(ds: grain.MapDataset, *, workers: int, read_threads: int, prefetch_bu
       grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer))
   if workers > 0:
     _ensure_absl_flags_parsed()
-    init = (functools.partial(_set_worker_priority, worker_priority)
-            if worker_priority != 'normal' else None)
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
-                              worker_init_fn=init)
+                              worker_init_fn=functools.partial(_init_worker, worker_priority))
   return it_ds
 
 
 def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1, workers: int = 0,
-                  prefetch_buffer: int = 4, read_threads: int = 4, resize_to: int | None = None,
-                  random_crop: bool = True, flip: bool = True, pca_std: float = 0.0,
-                  worker_priority: str = 'normal') -> grain.IterDataset:
-  """Endless, shuffled, augmented training batches for this process.
+                  start_batch: int = 0, process_index: int = 0, process_count: int = 1,
+                  workers: int = 0, prefetch_buffer: int = 4, read_threads: int = 4,
+                  resize_to: int | None = None, random_crop: bool = True, flip: bool = True,
+                  pca_std: float = 0.0, worker_priority: str = 'normal') -> grain.IterDataset:
+  """Endless, shuffled, augmented training batches for this process, from global batch
+  ``start_batch`` on (a resumed run's position: the steps it has trained).
 
-  source → slice [process_index::process_count] → seed → shuffle (reshuffled every
-  epoch) → repeat forever → TrainAugment → batch(local_batch, drop_remainder) →
-  to_iter_dataset (read_threads threads, prefetch_buffer batches) → mp_prefetch
-  (when workers > 0; each worker keeps its own copy of the source and runs at
-  ``worker_priority``, one of ``WORKER_PRIORITIES``).
+  One global stream, the same for any number of processes: source → seed → shuffle (a new
+  permutation every epoch) → repeat forever → TrainAugment (each example's crop, flip and colour
+  shift drawn from the seed and its position in the stream) → chunks of ``local_batch``. Global
+  batch b is chunks ``b·P … b·P + P − 1`` (P processes) and process p takes chunk ``b·P + p``: the
+  rows the mesh puts on its devices. So the order of examples is a function of the seed and the
+  epoch only, and a run can resume with another process count at the same position. Then
+  to_iter_dataset (read_threads threads, prefetch_buffer batches) → mp_prefetch (when
+  workers > 0; each worker keeps its own copy of the source and runs at ``worker_priority``, one of
+  ``WORKER_PRIORITIES``).
 
   Returns an `IterDataset`; `iter()` of it is a checkpointable `DatasetIterator`.
   """
   local = local_batch_size(global_batch_size, process_count)
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
-  if len(source) < process_count:
-    raise ConfigError(f'{len(source)} examples cannot be split over {process_count} processes')
+  if len(source) < global_batch_size:
+    raise ConfigError(f'{len(source)} training examples are fewer than one batch of '
+                      f'{global_batch_size}; lower --config.batch_size')
+  if start_batch < 0:
+    raise ValueError(f'start_batch must be >= 0, got {start_batch}')
   ds = grain.MapDataset.source(source)
-  ds = ds[process_index::process_count]
-  ds = ds.seed(_process_seed(seed, process_index))
+  ds = ds.seed(int(seed))
   ds = ds.shuffle()
   ds = ds.repeat(None)
   ds = ds.random_map(
       TrainAugment(crop_size, resize_to, random_crop=random_crop, flip=flip, pca_std=pca_std))
   ds = ds.batch(local, drop_remainder=True)
+  ds = ds[start_batch * process_count + process_index::process_count]
   return finish(ds, workers=workers, read_threads=read_threads, prefetch_buffer=prefetch_buffer,
                 worker_priority=worker_priority)
 
@@ -252,39 +265,24 @@ def eval_dataset(source, *, global_batch_size: int, crop_size: int, process_inde
 
 class DevicePrefetch:
   """Puts `size` batches on the device ahead of the step that needs them, so host→device
-  transfers overlap the computation, and checkpoints as the position of the next batch it
-  hands out (not of the batches already read ahead): a restored run sees the same batches.
-
-  Wraps a grain `DatasetIterator`; `put` maps a host batch to device arrays. Implements the
-  iterator protocol grain's orbax `CheckpointHandler` expects of a non-`DatasetIterator`
-  (`get_state() -> bytes`, `set_state(bytes)`, `start_prefetch()`).
-  """
+  transfers overlap the computation. Wraps a grain `DatasetIterator`; `put` maps a host batch to
+  device arrays. No state to checkpoint: a resumed run builds its pipeline from the step it
+  reached (`train_dataset`'s ``start_batch``)."""
 
   def __init__(self, iterator, put, size: int = 2):
     self._it, self._put, self._size = iterator, put, max(0, int(size))
-    self._queue = collections.deque()  # (state before the batch, device batch)
+    self._queue = collections.deque()
 
   def __iter__(self):
     return self
 
   def __next__(self):
     while len(self._queue) < self._size + 1:
-      state = copy.deepcopy(self._it.get_state())
-      self._queue.append((state, self._put(next(self._it))))
-    return self._queue.popleft()[1]
-
-  def get_state(self) -> bytes:
-    state = self._queue[0][0] if self._queue else self._it.get_state()
-    return json.dumps(state).encode()
-
-  def set_state(self, state: bytes) -> None:
-    self._queue.clear()
-    self._it.set_state(json.loads(state))
-
-  def start_prefetch(self) -> None:
-    pass
+      self._queue.append(self._put(next(self._it)))
+    return self._queue.popleft()
 
   def close(self) -> None:
+    """Stops the worker processes (and frees their shared memory)."""
     self._queue.clear()
     close = getattr(self._it, 'close', None)
     if close is not None:

@@ -12,6 +12,11 @@ components are stored beside them (`data.statistics`). Train with
 Robust and resumable:
 - files that are not images, are truncated or corrupt, or are larger than ``--max_pixels``
   (decompression bombs) are skipped, counted, and listed in ``D/NAME/prepare_report.json``;
+- every numeric option is checked before anything is read or written; an empty class folder is
+  refused (it would be a class without images, which changes the class count and labels);
+- folders reached through symlinks are read, each real folder and file once (loops and second
+  links are counted once and listed in the report); 16-bit images are scaled to 8 bits
+  (`records.load_rgb`);
 - each shard is written to a temporary file, renamed into place and then marked done; an
   interrupted run started again with the same arguments redoes only the unfinished shards;
 - ``metadata.json`` is written last: until then the set cannot be opened by mistake.
@@ -96,28 +101,67 @@ def _shards(split: str, files: list, examples_per_shard: int) -> list[dict]:
   ]
 
 
+def check_arguments(*, val_fraction: float | None, val_dir: str | None, image_size: int,
+                    jpeg_quality: int, examples_per_shard: int, workers: int | None, seed: int,
+                    max_pixels: int) -> None:
+  """Refuses impossible options (`PrepareError`, named as the flags of the command) before any
+  file is listed or written."""
+  if val_fraction is not None and val_dir is not None:
+    raise PrepareError('give either --val_fraction or --val_dir, not both')
+  if val_fraction is not None and not 0.0 <= val_fraction < 1.0:  # NaN fails too
+    raise PrepareError(f'--val_fraction={val_fraction}: must be in [0, 1) (the fraction of each '
+                       'class held out for validation)')
+  ranges = [
+      # The records store sides as uint16, and JPEG allows at most 65,500 pixels a side.
+      ('image_size', image_size, 1, 65_500, 'the side of the stored square images'),
+      ('jpeg_quality', jpeg_quality, 1, 100, "PIL's JPEG quality scale"),
+      ('examples_per_shard', examples_per_shard, 1, None, 'images per shard'),
+      ('workers', workers, 0, None, 'decoding processes; 0 or 1 decode in this process'),
+      ('seed', seed, 0, None, "numpy's seeds are non-negative"),
+      ('max_pixels', max_pixels, 1, None, 'the largest image accepted, in pixels'),
+  ]
+  for flag, value, low, high, what in ranges:
+    if value is None and flag == 'workers':  # all cores
+      continue
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if not is_int or value < low or (high is not None and value > high):
+      bounds = f'from {low:,} to {high:,}' if high is not None else f'at least {low}'
+      raise PrepareError(f'--{flag}={value}: must be an integer {bounds} ({what})')
+
+
 def make_plan(source: str, *, name: str, val_fraction: float | None, val_dir: str | None,
               image_size: int, jpeg_quality: int, examples_per_shard: int, seed: int,
               max_pixels: int) -> dict:
-  if val_fraction is not None and val_dir is not None:
-    raise PrepareError('give either --val_fraction or --val_dir, not both')
+  check_arguments(val_fraction=val_fraction, val_dir=val_dir, image_size=image_size,
+                  jpeg_quality=jpeg_quality, examples_per_shard=examples_per_shard, workers=None,
+                  seed=seed, max_pixels=max_pixels)
   source = os.path.abspath(source)
-  class_names, files = sources.list_class_folder(source)
-  files = [(os.path.join(source, p), label) for p, label in files]
+  scanned = sources.scan_class_folder(source)
+  class_names = scanned.class_names
+  files = [(os.path.join(source, p), label) for p, label in scanned.files]
+  counted_once = {'source': _counted_once(scanned)}
   if val_dir is not None:
     val_dir = os.path.abspath(val_dir)
-    val_classes, val_files = sources.list_class_folder(val_dir)
+    # A class without validation images is harmless: the labels come from the training folder.
+    val_scanned = sources.scan_class_folder(val_dir, allow_empty_classes=True)
+    val_classes = val_scanned.class_names
     unknown = sorted(set(val_classes) - set(class_names))
     if unknown:
       raise PrepareError(f'--val_dir {val_dir} has classes that --source lacks: '
                          f'{", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""}')
+    train_ids = set(scanned.file_ids) - {None}
+    shared = [p for p, key in zip(val_scanned.files, val_scanned.file_ids) if key in train_ids]
+    if shared:
+      raise PrepareError(
+          f'{len(shared)} files of --val_dir {val_dir} are also files of --source {source} '
+          f'(e.g. {os.path.join(val_dir, shared[0][0])}; links?): validation images must not be '
+          'trained on; give folders that share no file')
     index = {c: i for i, c in enumerate(class_names)}
     train = files
-    val = [(os.path.join(val_dir, p), index[val_classes[label]]) for p, label in val_files]
+    val = [(os.path.join(val_dir, p), index[val_classes[label]]) for p, label in val_scanned.files]
+    counted_once['val_dir'] = _counted_once(val_scanned)
   else:
     val_fraction = 0.1 if val_fraction is None else float(val_fraction)
-    if not 0.0 <= val_fraction < 1.0:
-      raise PrepareError(f'--val_fraction must be in [0, 1), got {val_fraction}')
     train, val = _split_files(files, len(class_names), val_fraction, seed)
   if not train:
     raise PrepareError(f'no training files left in {source}')
@@ -127,7 +171,13 @@ def make_plan(source: str, *, name: str, val_fraction: float | None, val_dir: st
   return dict(format_version=FORMAT_VERSION, name=name, source=source, val_dir=val_dir,
               val_fraction=val_fraction, seed=seed, image_size=image_size,
               jpeg_quality=jpeg_quality, max_pixels=max_pixels, class_names=class_names,
-              splits=splits)
+              splits=splits, counted_once=counted_once)
+
+
+def _counted_once(scanned: sources.ClassFolder) -> dict:
+  """For the report: what the listing saw twice (through links) and counted once."""
+  return dict(files=[dict(file=p, same_as=kept) for p, kept in scanned.repeated_files],
+              folders=scanned.repeated_folders)
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +234,19 @@ def prepare(source: str, name: str, *, data_dir: str | None = None,
             val_fraction: float | None = None, val_dir: str | None = None, image_size: int = 256,
             jpeg_quality: int = 90, examples_per_shard: int = 1024, workers: int | None = None,
             seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> str:
-  """Prepares ``source`` as ``{data_dir}/{name}``; returns that directory (see the module doc)."""
+  """Prepares ``source`` as ``{data_dir}/{name}``; returns that directory (see the module doc).
+
+  Raises:
+    PrepareError: an option out of range (checked first, before anything is listed or written),
+      a name already taken, an unwritable ``data_dir``.
+    DatasetNotFoundError: ``source`` or ``val_dir`` is not a folder of class subfolders, or one
+      of its class subfolders is empty (refused rather than skipped: dropping a class would
+      silently change the class count and the labels of the others; see
+      `sources.scan_class_folder`).
+  """
+  check_arguments(val_fraction=val_fraction, val_dir=val_dir, image_size=image_size,
+                  jpeg_quality=jpeg_quality, examples_per_shard=examples_per_shard, workers=workers,
+                  seed=seed, max_pixels=max_pixels)
   if not name or os.sep in name or name.startswith('.') or name == builtin.NAME:
     raise PrepareError(f'--name={name!r}: give a plain folder name (not {builtin.NAME!r})')
   data_dir = os.path.expanduser(data_dir or catalog.default_data_dir())
@@ -268,11 +330,23 @@ def _finish(directory: str, plan: dict) -> str:
                          f'{os.path.join(directory, REPORT)}')
     splits[split] = dict(num_examples=count, shards=[s['name'] for s in shards])
   num_bad = sum(len(v) for v in bad.values())
+  unreadable = {entry['file'] for entry in bad.get('train', [])}
+  trained = {
+      label for part in plan['splits']['train'] for path, label in part['files']
+      if path not in unreadable
+  }
+  # Every class folder held files (scan_class_folder refuses empty ones), but all of a class's
+  # may have been unreadable: kept as a class (its label is fixed), and said.
+  no_images = [c for label, c in enumerate(plan['class_names']) if label not in trained]
+  if no_images:
+    logging.warning('%s: no readable training image for the classes %s; see %s', directory,
+                    ', '.join(no_images), os.path.join(directory, REPORT))
   _write_json(
       os.path.join(directory, REPORT),
       dict(source=plan['source'], val_dir=plan['val_dir'],
            num_examples={k: v['num_examples'] for k, v in splits.items()}, num_skipped=num_bad,
-           skipped={k: v for k, v in bad.items() if v}))
+           skipped={k: v for k, v in bad.items() if v}, classes_without_training_images=no_images,
+           counted_once=plan.get('counted_once', {})))
   statistics.save(acc.finalize(), os.path.join(directory, statistics.FILENAME))
   meta = dict(name=plan['name'], format_version=FORMAT_VERSION,
               num_classes=len(plan['class_names']), class_names=plan['class_names'],

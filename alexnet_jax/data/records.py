@@ -93,12 +93,73 @@ def decode_image_bytes(data: bytes, min_side: int | None = None) -> np.ndarray:
 
 
 def load_rgb(img: Image.Image, min_side: int | None = None) -> Image.Image:
-  """Loads an opened PIL image as RGB, at reduced JPEG scale when ``min_side`` allows it."""
+  """Loads an opened PIL image as 8-bit RGB, at reduced JPEG scale when ``min_side`` allows it.
+
+  16-bit samples are scaled to 0..255 (``round(v * 255 / 65535)``), not clipped as PIL's
+  ``convert('RGB')`` does (it stores every value above 255 as 255): greyscale in modes 'I;16*'
+  and 'I' (16-bit PNG, TIFF, PGM), and 16-bit RGB, RGBA and grey+alpha PNGs, which PIL itself
+  reduces to their high bytes (``v // 256``, up to 1 below the rounded value), re-decoded here for
+  the exact value. Other 16-bit colour formats (e.g. TIFF) keep PIL's high bytes. Raises
+  ValueError for pixels without a known range: 32-bit float ('F') images and 'I' images with
+  values outside 0..65535.
+  """
   if min_side is not None and img.format == 'JPEG':
     w, h = img.size
     scale = min_side / min(w, h)
     if scale < 1:
       # draft keeps both sides >= the requested ones, so the shorter one stays >= min_side.
       img.draft('RGB', (math.ceil(w * scale), math.ceil(h * scale)))
+  png16 = _png16_samples(img)  # before load(): it re-reads the file
+  if png16 is not None:
+    return Image.fromarray(_scale16(png16))
   img.load()
-  return img if img.mode == 'RGB' else img.convert('RGB')
+  if img.mode == 'RGB':
+    return img
+  if img.mode == 'I' or img.mode.startswith('I;16'):
+    grey = np.asarray(img)
+    if img.mode == 'I' and grey.size and (grey.min() < 0 or grey.max() > 65535):
+      raise ValueError(f'32-bit integer pixels from {grey.min()} to {grey.max()}, outside the '
+                       '16-bit range 0..65535: no known scale to 8 bits')
+    return Image.fromarray(_scale16(grey)).convert('RGB')
+  if img.mode == 'F':
+    raise ValueError('32-bit float pixels have no known range to scale to 8 bits; store the '
+                     'image with 8 or 16 bits per sample')
+  return img.convert('RGB')
+
+
+def _scale16(samples: np.ndarray) -> np.ndarray:
+  """0..65535 → uint8 0..255, rounded (no ties: v * 255 / 65535 = v / 257 is never k + 1/2)."""
+  return ((samples.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+# The rawmodes PIL decodes 16-bit colour PNGs with (to the high bytes) → the rawmodes of the same
+# pixel size that decode them to the low bytes. A grey+alpha pixel's four bytes are those of one
+# 8-bit RGBA pixel.
+_PNG16_LOW_BYTES = {'RGB;16B': 'RGB;16L', 'RGBA;16B': 'RGBA;16L', 'LA;16B': 'RGBA'}
+
+
+def _png16_samples(img: Image.Image) -> np.ndarray | None:
+  """The uint16 (H, W, 3) RGB samples of a not yet loaded 16-bit RGB, RGBA or grey+alpha PNG
+  (alpha dropped, as ``convert('RGB')`` does), else None.
+
+  PIL has no 16-bit colour modes, so the file is decoded again with rawmodes that keep the bytes
+  per pixel (the PNG filters work on those) but pick the low bytes.
+  """
+  if img.format != 'PNG' or len(img.tile) != 1 or getattr(img, 'fp', None) is None:
+    return None
+  codec, _, _, rawmode = img.tile[0]
+  if codec != 'zip' or rawmode not in _PNG16_LOW_BYTES:
+    return None
+  img.fp.seek(0)
+  data = img.fp.read()
+
+  def decode(as_rawmode: str) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as again:
+      again.tile = [again.tile[0][:3] + (as_rawmode,)]
+      again.load()
+      return np.asarray(again, np.uint16)
+
+  if rawmode == 'LA;16B':
+    b = decode('RGBA')  # grey high, grey low, alpha high, alpha low
+    return np.repeat((b[..., 0] * 256 + b[..., 1])[..., None], 3, axis=-1)
+  return (decode(rawmode) * 256 + decode(_PNG16_LOW_BYTES[rawmode]))[..., :3]

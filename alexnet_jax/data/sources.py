@@ -24,6 +24,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
 from alexnet_jax.data.records import CorruptRecordError, decode_image_bytes, decode_record, load_rgb
@@ -137,19 +138,54 @@ class ImageSource:
     self._lock = threading.Lock()
 
 
-class ArrayRecordImageSource(ImageSource):
-  """Reads records written with `encode_record` from ArrayRecord shards via grain."""
+class DamagedShardError(TooManyBadRecordsError):
+  """A shard of a prepared or built-in set is missing, cannot be opened (truncated, overwritten)
+  or holds another number of records than the set's metadata.json says."""
 
-  def __init__(self, paths: list[str], info: DatasetInfo, *, max_bad_fraction: float = 0.01):
-    self._records = grain.sources.ArrayRecordDataSource(list(paths))
+
+class ArrayRecordImageSource(ImageSource):
+  """Reads records written with `encode_record` from ArrayRecord shards via grain.
+
+  Every shard is opened (and its records counted) here, one at a time, so that a damaged one is
+  reported by name (`DamagedShardError`, whose message ends with ``remedy``: how to rebuild the
+  set) instead of failing in the middle of training.
+  """
+
+  def __init__(self, paths: list[str], info: DatasetInfo, *, max_bad_fraction: float = 0.01,
+               remedy: str = ''):
+    remedy = remedy or f'delete {info.location} and prepare the set again'
+    where = f'{info.name}/{info.split}'
+    # grain's "path[start:end]" form: it takes the counts as given and does not open every
+    # shard a second time.
+    counted = [f'{path}[0:{_count_records(path, where, remedy)}]' for path in paths]
+    self._records = grain.sources.ArrayRecordDataSource(counted)
     if len(self._records) != info.num_examples:
-      raise CorruptRecordError(
-          f'{info.name}/{info.split}: shards hold {len(self._records)} records, metadata '
-          f'says {info.num_examples} (in {info.location}); delete the directory to regenerate')
+      raise DamagedShardError(
+          f'{where}: the shards in {info.location} hold {len(self._records)} records, its '
+          f'metadata.json says {info.num_examples}; {remedy}')
     super().__init__(info, max_bad_fraction=max_bad_fraction)
 
   def _read(self, index: int) -> tuple[np.ndarray, int]:
     return decode_record(self._records[index])
+
+
+def _count_records(path: str, where: str, remedy: str) -> int:
+  if not os.path.isfile(path):
+    raise DamagedShardError(f'{where}: shard {path} is missing; {remedy}')
+  try:
+    # array_record's C++ reader turns every failed status into a bare RuntimeError: here, on
+    # one file that exists, that is the file's content (truncated, overwritten, not ArrayRecord).
+    # An empty message is common: the status of a failed open is raised by close().
+    reader = ArrayRecordReader(path)
+    try:
+      count = reader.num_records()
+    finally:
+      reader.close()
+  except RuntimeError as e:
+    detail = ' '.join(str(e).split()) or 'no ArrayRecord index found'
+    raise DamagedShardError(f'{where}: shard {path} is damaged (truncated or overwritten: '
+                            f'{detail}); {remedy}') from None
+  return count
 
 
 class TfdsImageSource(ImageSource):
@@ -227,11 +263,44 @@ class FolderImageSource(ImageSource):
 
 
 def list_class_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
-  """(sorted class names, [(path relative to root, label)]) of a folder of class subfolders.
+  """(sorted class names, [(path relative to root, label)]) of a folder of class subfolders: the
+  `scan_class_folder` of ``root``."""
+  folder = scan_class_folder(root)
+  return folder.class_names, folder.files
 
-  Every regular file counts (sorted, like torchvision's ImageFolder without its extension
-  filter), so that non-image files are reported as bad rather than silently dropped; hidden
-  files and folders (starting with '.') are ignored.
+
+@dataclasses.dataclass(frozen=True)
+class ClassFolder:
+  """What `scan_class_folder` found in a folder of class subfolders."""
+  class_names: list[str]
+  files: list[tuple[str, int]]  # (path relative to the root, label)
+  # (st_dev, st_ino) of each file; None where it cannot be stat'ed (a dangling link: listed, so
+  # that it is reported as unreadable).
+  file_ids: list[tuple[int, int] | None]
+  # (path, path listed instead): files reached again by another path (a symlink or hard link to
+  # a file already listed), counted once.
+  repeated_files: list[tuple[str, str]]
+  # Links to folders already listed (loops, second links to one folder), not walked again.
+  repeated_folders: list[str]
+
+
+def scan_class_folder(root: str, *, allow_empty_classes: bool = False) -> ClassFolder:
+  """The classes and files of ``root``, one subfolder per class (like torchvision's ImageFolder).
+
+  Every regular file counts (sorted, like ImageFolder without its extension filter), so that
+  non-image files are reported as bad rather than silently dropped; hidden files and folders
+  (starting with '.') are ignored. Symbolic links to folders are followed (a class's images may
+  live elsewhere), but each real folder and each real file (told by st_dev and st_ino) is listed
+  once: a link back to a folder already listed (a loop, or to ``root`` or above) is not walked
+  again, and a second path to a file already listed (a symlink or hard link) is not counted again
+  (both are logged and returned on the result).
+
+  Raises:
+    DatasetNotFoundError: ``root`` has no class subfolders or no files; a class subfolder holds no
+      file (each subfolder is a class and takes a label, so an empty one would be a class without
+      examples that still changes the class count; not raised with ``allow_empty_classes``, for a
+      validation folder, whose labels come from the training folder); one folder or file is
+      reached from two classes (its images would have two labels); a folder cannot be read.
   """
   if not os.path.isdir(root):
     raise DatasetNotFoundError(f'{root} is not a directory')
@@ -240,13 +309,94 @@ def list_class_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
   if not class_names:
     raise DatasetNotFoundError(
         f'{root} has no class subfolders: expected {root}/<class name>/<image files>')
-  files = []
+
+  # Each real folder reached so far → the label of the class it belongs to; root and the folders
+  # above it → None (a link to one of them is a loop).
+  folder_class: dict[tuple[int, int], int | None] = {}
+  path = os.path.realpath(root)
+  while True:
+    folder_class[_file_id(path)] = None
+    if os.path.dirname(path) == path:
+      break
+    path = os.path.dirname(path)
+  first_path: dict[tuple[int, int], str] = {}  # of each real folder, relative to root
   for label, name in enumerate(class_names):
-    for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
-      dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+    key = _file_id(os.path.join(root, name))
+    if key in folder_class:
+      other = folder_class[key]
+      what = f'the same folder as {class_names[other]!r}' if other is not None else (
+          f'{root} or a folder above it')
+      raise DatasetNotFoundError(f'class folder {os.path.join(root, name)} is {what} (a link?): '
+                                 'give each class a folder of its own')
+    folder_class[key], first_path[key] = label, name
+
+  def unreadable(error: OSError):
+    raise DatasetNotFoundError(f'cannot list {error.filename}: {error.strerror}; make it '
+                               'readable or move it out of the class folder')
+
+  files, file_ids, repeated_files, repeated_folders = [], [], [], []
+  file_listed: dict[tuple[int, int], tuple[str, int]] = {}  # real file → (path, label) listed
+  for label, name in enumerate(class_names):
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True,
+                                                onerror=unreadable):
       rel = os.path.relpath(dirpath, root)
-      files.extend(
-          (os.path.join(rel, f), label) for f in sorted(filenames) if not f.startswith('.'))
+      names = sorted(d for d in dirnames if not d.startswith('.'))
+      walk = set()
+      # Real subfolders claim their folder before links beside them do, so that files are listed
+      # by their real paths where that is up to this folder.
+      for d in sorted(names, key=lambda d: os.path.islink(os.path.join(dirpath, d))):
+        key = _file_id(os.path.join(dirpath, d))
+        if key not in folder_class:
+          folder_class[key], first_path[key] = label, os.path.join(rel, d)
+          walk.add(d)
+        elif folder_class[key] in (None, label):
+          repeated_folders.append(os.path.join(rel, d))
+        else:
+          raise DatasetNotFoundError(
+              f'{os.path.join(root, rel, d)} (class {name!r}) is the folder '
+              f'{os.path.join(root, first_path[key])} of class '
+              f'{class_names[folder_class[key]]!r} (a link?): its images would have two labels; '
+              'remove the link or the folder from one of the classes')
+      dirnames[:] = [d for d in names if d in walk]
+      for f in sorted(filenames):
+        if f.startswith('.'):
+          continue
+        path = os.path.join(rel, f)
+        try:
+          key = _file_id(os.path.join(dirpath, f))
+        except OSError:  # a dangling link: listed, and reported when it cannot be read
+          key = None
+        if key in file_listed:
+          kept, kept_label = file_listed[key]
+          if kept_label != label:
+            raise DatasetNotFoundError(
+                f'{os.path.join(root, path)} (class {name!r}) is the file '
+                f'{os.path.join(root, kept)} of class {class_names[kept_label]!r} (a link?): it '
+                'would have two labels; keep it in one class folder')
+          repeated_files.append((path, kept))
+          continue
+        if key is not None:
+          file_listed[key] = (path, label)
+        files.append((path, label))
+        file_ids.append(key)
   if not files:
     raise DatasetNotFoundError(f'the class subfolders of {root} hold no files')
-  return class_names, files
+  if not allow_empty_classes:
+    found = {label for _, label in files}
+    empty = [name for label, name in enumerate(class_names) if label not in found]
+    if empty:
+      shown = ', '.join(empty[:5]) + (f' and {len(empty) - 5} more' if len(empty) > 5 else '')
+      raise DatasetNotFoundError(
+          f'{len(empty)} class folder(s) of {root} hold no files: {shown}; each subfolder is a '
+          'class (and a label), so add its images or remove it')
+  if repeated_files or repeated_folders:
+    logging.warning(
+        '%s: %d files and %d folders reached again through links (or hard links) were counted '
+        'once (first: %s)', root, len(repeated_files), len(repeated_folders),
+        (repeated_files and repeated_files[0][0]) or repeated_folders[0])
+  return ClassFolder(class_names, files, file_ids, repeated_files, repeated_folders)
+
+
+def _file_id(path: str) -> tuple[int, int]:
+  st = os.stat(path)
+  return st.st_dev, st.st_ino

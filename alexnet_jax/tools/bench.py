@@ -163,12 +163,15 @@ def main(argv):
 def _define_flags() -> None:
   cli.define_tool_flags('Print one JSON object.')
   cli.define_huge_pages_flag()
-  flags.DEFINE_integer('batch_size', None, "Global batch (default: the config's).")
-  flags.DEFINE_integer('steps', 5, 'Timed steps per measurement.')
-  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
-  flags.DEFINE_integer('repeats', 3, 'Alternating measurement rounds; the best is kept.')
+  # Bounds: absl refuses a value outside them in one line (cli._parse_flags).
+  flags.DEFINE_integer('batch_size', None, "Global batch (default: the config's).", lower_bound=1)
+  flags.DEFINE_integer('steps', 5, 'Timed steps per measurement.', lower_bound=1)
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.', lower_bound=0)
+  flags.DEFINE_integer('repeats', 3, 'Alternating measurement rounds; the best is kept.',
+                       lower_bound=1)
   flags.DEFINE_bool('torch', True, 'Also time PyTorch eager when torch is installed.')
-  flags.DEFINE_float('peak_tflops', 0.0, 'Device peak TFLOP/s for the MFU figure.')
+  flags.DEFINE_float('peak_tflops', 0.0, 'Device peak TFLOP/s for the MFU figure (0: none).',
+                     lower_bound=0.0)
 
 
 if __name__ == '__main__':

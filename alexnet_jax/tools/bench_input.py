@@ -272,18 +272,19 @@ def _define_flags() -> None:
   flags.DEFINE_string('data', None, 'A prepared set (or any set open_source knows).')
   flags.DEFINE_string('data_dir', None, "Where prepared sets live (default: TFDS's).")
   flags.DEFINE_string('folder', None, 'The original JPEG folder (class subfolders).')
-  flags.DEFINE_integer('workers', 2, 'Worker processes, for grain and torch alike.')
-  flags.DEFINE_integer('batch_size', 128, 'Batch size.')
-  flags.DEFINE_integer('crop', 227, 'Training crop side.')
-  flags.DEFINE_integer('batches', 20, 'Timed batches per measurement.')
-  flags.DEFINE_integer('warmup', 3, 'Untimed batches first (worker start-up).')
-  flags.DEFINE_integer('repeats', 2, 'Interleaved rounds; the best of each is kept.')
+  # Bounds: absl refuses a value outside them in one line (cli._parse_flags).
+  flags.DEFINE_integer('workers', 2, 'Worker processes, for grain and torch alike.', lower_bound=0)
+  flags.DEFINE_integer('batch_size', 128, 'Batch size.', lower_bound=1)
+  flags.DEFINE_integer('crop', 227, 'Training crop side.', lower_bound=1)
+  flags.DEFINE_integer('batches', 20, 'Timed batches per measurement.', lower_bound=1)
+  flags.DEFINE_integer('warmup', 3, 'Untimed batches first (worker start-up).', lower_bound=0)
+  flags.DEFINE_integer('repeats', 2, 'Interleaved rounds; the best of each is kept.', lower_bound=1)
   flags.DEFINE_bool('torch', True, "Also time torch's DataLoader on --folder when installed.")
   flags.DEFINE_bool('overlap', False, 'Measure the step fed by the pipeline vs a fixed batch '
                     '(needs --config).')
-  flags.DEFINE_integer('steps', 20, 'Timed training steps per overlap measurement.')
+  flags.DEFINE_integer('steps', 20, 'Timed training steps per overlap measurement.', lower_bound=1)
   flags.DEFINE_string('make_folder', None, 'Write a benchmark JPEG folder here and exit.')
-  flags.DEFINE_integer('images', 2000, 'Images for --make_folder.')
+  flags.DEFINE_integer('images', 2000, 'Images for --make_folder.', lower_bound=1)
 
 
 if __name__ == '__main__':

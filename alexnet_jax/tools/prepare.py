@@ -3,8 +3,9 @@
   python -m alexnet_jax.tools.prepare --source=DIR --name=NAME [--val_fraction=F | --val_dir=DIR] \\
       [--data_dir=D]
 
-See ``alexnet_jax.data.prepare`` for what it writes; bad input (a missing folder, a name taken)
-ends in one ``error:`` line.
+See ``alexnet_jax.data.prepare`` for what it writes; bad input (a missing folder, an empty class
+folder, a name taken, a numeric flag out of range) ends in one ``error:`` line and exit status 2,
+before anything is written.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ def main(argv):
   counts = ', '.join(f'{k} {v:,}' for k, v in report['num_examples'].items())
   print(f'prepared {directory}: {counts} images; {report["num_skipped"]} files skipped '
         f'(listed in {os.path.join(directory, REPORT)})')
+  once = report.get('counted_once', {})
+  repeated = sum(len(v['files']) + len(v['folders']) for v in once.values())
+  if repeated:
+    print(f'note: {repeated} files or folders reached again through links were counted once '
+          f'(listed in {os.path.join(directory, REPORT)})')
+  if report.get('classes_without_training_images'):
+    print(f'warning: no readable training image for the classes '
+          f'{", ".join(report["classes_without_training_images"])}')
   print(f'train with --config.dataset.name={f.name} '
         f'--config.dataset.data_dir={os.path.dirname(directory)}')
 

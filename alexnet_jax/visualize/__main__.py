@@ -22,20 +22,27 @@ def _define_flags():
   flags.DEFINE_string(
       'images', None, "'dataset' (the config's evaluation split; default), "
       "'skimage' (scikit-image's photographs) or comma-separated files / folders.")
-  flags.DEFINE_integer('num_images', None, 'How many images (default: per analysis).')
+  # Bounds: absl refuses a value outside them in one line (cli._parse_flags).
+  flags.DEFINE_integer('num_images', None, 'How many images (default: per analysis).',
+                       lower_bound=1)
   flags.DEFINE_list('layers', None, 'Layers to analyse (default: per analysis).')
   flags.DEFINE_list('maps', None, 'top9 / evolution: these feature maps (default: random ones).')
-  flags.DEFINE_integer('num_maps', 9, 'top9 / evolution: how many random maps per layer.')
-  flags.DEFINE_integer('top', 9, 'top9: activations per map; deconv: maps per image.')
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_integer('num_maps', 9, 'top9 / evolution: how many random maps per layer.',
+                       lower_bound=1)
+  flags.DEFINE_integer('top', 9, 'top9: activations per map; deconv: maps per image.',
+                       lower_bound=1)
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).', lower_bound=0)
   flags.DEFINE_list('epochs', None, 'evolution: the epochs to show (default: every checkpoint).')
-  flags.DEFINE_integer('occluder_size', None, 'occlusion: side of the grey square (default S/5).')
-  flags.DEFINE_integer('occluder_stride', None, 'occlusion: its stride (default S/56).')
+  flags.DEFINE_integer('occluder_size', None, 'occlusion: side of the grey square (default S/5).',
+                       lower_bound=1)
+  flags.DEFINE_integer('occluder_stride', None, 'occlusion: its stride (default S/56).',
+                       lower_bound=1)
   flags.DEFINE_string(
       'parts', None, "correspondence: 'name=top,left,height,width;...', one box for "
       "all images or one per image separated by '/' (default: a central box).")
-  flags.DEFINE_integer('random_draws', 10, 'correspondence: random boxes per part.')
-  flags.DEFINE_integer('seed', 0, 'Seed for the choice of images, maps and random boxes.')
+  flags.DEFINE_integer('random_draws', 10, 'correspondence: random boxes per part.', lower_bound=1)
+  flags.DEFINE_integer('seed', 0, 'Seed for the choice of images, maps and random boxes.',
+                       lower_bound=0)
 
 
 def parse_parts(text: str | None) -> dict | None:
@@ -56,6 +63,16 @@ def parse_parts(text: str | None) -> dict | None:
   return parts
 
 
+def _numbers(values: list[str] | None, kind, flag: str) -> list | None:
+  if not values:
+    return None
+  try:
+    return [kind(v) for v in values]
+  except ValueError:
+    raise ConfigError(f'{flag}={",".join(values)}: write comma-separated '
+                      f'{"integers" if kind is int else "numbers"}') from None
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in commands.ANALYSES:
     raise app.UsageError(f'name one analysis: {" | ".join(commands.ANALYSES)}')
@@ -63,14 +80,14 @@ def main(argv):
   config = cli.config_or_usage_error()
   if not f.checkpoint or not f.out:
     raise app.UsageError('--checkpoint=the training workdir and --out=a folder are required')
-  distributed.initialize(config)
-  cli.quiet_orbax_info()
   options = commands.Options(images=f.images, num_images=f.num_images, layers=f.layers,
-                             maps=[int(m) for m in f.maps] if f.maps else None, num_maps=f.num_maps,
-                             top=f.top, step=f.step,
-                             epochs=[float(e) for e in f.epochs] if f.epochs else None,
+                             maps=_numbers(f.maps, int, '--maps'), num_maps=f.num_maps, top=f.top,
+                             step=f.step, epochs=_numbers(f.epochs, float, '--epochs'),
                              occluder_size=f.occluder_size, occluder_stride=f.occluder_stride,
                              parts=parse_parts(f.parts), random_draws=f.random_draws, seed=f.seed)
+  cli.writable_directory(f.out, '--out')
+  distributed.initialize(config)
+  cli.quiet_orbax_info()
   written = commands.run(argv[1], config, f.checkpoint, options, f.out)
   for path in written:
     print(path)

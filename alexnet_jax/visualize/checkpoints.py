@@ -91,7 +91,7 @@ def load_network(config, path: str, step: int | None = None, *,
                           f'; it holds steps {", ".join(map(str, steps))}')
   prog = program_lib.build_program(config, steps_per_epoch=1)
   with _manager(config, path) as manager:
-    restored = checkpointing.restore(manager, step, prog.abstract_state, None)
+    restored = checkpointing.restore(manager, step, prog.abstract_state)
   return network_from_state(config, prog.graphdef, restored.state, step=step,
                             epoch=restored.meta.get('epoch'),
                             mean_image=training_mean_image(config), functions=functions)
