@@ -4,6 +4,7 @@ also be imported as libraries side by side."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging as pylogging
 import os
@@ -149,11 +150,28 @@ def check_config_argument(argv) -> None:
     raise ConfigError(f'--config={path}: cannot read the config file ({e.strerror}); name a '
                       'config file, e.g. --config=configs/demo.py') from None
   try:
-    compile(source, path, 'exec')
+    tree = ast.parse(source, path)
   except SyntaxError as e:
     text = f': {e.text.strip()!r}' if e.text and e.text.strip() else ''
     raise ConfigError(f'--config={path}: the config file does not compile: {e.msg} '
                       f'(line {e.lineno}{text})') from None
+  if 'get_config' not in _top_level_names(tree):
+    raise ConfigError(f'--config={path} defines no get_config(): a config file is a Python file '
+                      'whose get_config() returns the ConfigDict (see configs/demo.py)')
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+  """Names a module binds at its top level (definitions, assignments, imports)."""
+  names = set()
+  for node in tree.body:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+      names.add(node.name)
+    elif isinstance(node, (ast.Import, ast.ImportFrom)):
+      names.update((a.asname or a.name).split('.')[0] for a in node.names)
+    elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+      targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+      names.update(t.id for t in targets if isinstance(t, ast.Name))
+  return names
 
 
 def writable_directory(path: str, flag: str) -> None:

@@ -76,6 +76,8 @@ CASES = [Case(e, *case) for e in ENTRY_POINTS if e != 'bench_input' for case in 
     Case('visualize', 'out_is_a_file', (DEMO,), 'is not a directory', out='{tmp}/written/file.txt'),
     Case('summary', 'config_file_raises_config_error',
          ('--config={tmp}/written/vgg_towers.py',), "model 'vgg' has no field 'towers'"),
+    Case('summary', 'config_file_without_get_config',
+         ('--config={tmp}/written/no_get_config.py',), 'defines no get_config()'),
     Case('summary', 'override_of_the_wrong_type',
          (DEMO, '--config.batch_size=many'), 'flag --config.batch_size=many'),
     Case('bench', 'no_timed_steps', (DEMO, '--steps=0'), 'flag --steps=0'),
@@ -137,6 +139,7 @@ def runs(tmp_path_factory):
   (written / 'broken.py').write_text(BROKEN_CONFIG)
   (written / 'vgg_towers.py').write_text(REFUSED_MODEL_CONFIG)
   (written / 'buggy.py').write_text(BUGGY_CONFIG)
+  (written / 'no_get_config.py').write_text('from alexnet_jax.configs import base_config\n')
   read_only = written / 'read_only'
   read_only.mkdir()
   (read_only / 'kept.txt').write_text('kept\n')

@@ -36,17 +36,18 @@ def test_huge_pages_need_glibc_and_transparent_huge_pages(tmp_path, mode, usable
 @pytest.mark.skipif(not host.huge_pages_supported(), reason='no glibc >= 2.35 with THP here')
 @pytest.mark.parametrize('huge_pages', [True, False])
 def test_main_restarts_once_with_the_tunable_and_the_same_arguments(tmp_path, huge_pages):
-  # A bad model name: the program gets as far as building the model, after the restart, and its
-  # error must still name what the user typed (the arguments survived the restart).
+  # A data set that does not exist: the program gets as far as opening it, after the restart
+  # (config values are checked before it), and its error must still name what the user typed (the
+  # arguments survived the restart).
   env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
   env.update(XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
   proc = subprocess.run([
       sys.executable, '-m', 'alexnet_jax.main', '--config=configs/demo.py',
-      f'--workdir={tmp_path / "run"}', '--config.model.name=alexnett',
+      f'--workdir={tmp_path / "run"}', '--config.dataset.name=no_such_set',
       f'--huge_pages={str(huge_pages).lower()}'
   ], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.count('restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1') == int(
       huge_pages)
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
-  assert len(errors) == 1 and "unknown model 'alexnett'" in errors[0], proc.stderr[-2000:]
+  assert len(errors) == 1 and 'no_such_set' in errors[0], proc.stderr[-2000:]

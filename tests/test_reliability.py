@@ -4,6 +4,7 @@ retention across restarts, signals, and the data position across process counts.
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -384,3 +385,46 @@ def test_a_full_disk_ends_in_one_line(two_epochs, tmp_path):
   assert len(errors) == 1 and 'No space left on device' in errors[0], proc.stderr[-3000:]
   assert 'no checkpoint has been written yet' in errors[0]
   assert 'Traceback' not in proc.stderr and 'Exception ignored' not in proc.stderr
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step(two_epochs, tmp_path):
+  """Two real processes on loopback (a 2 x 2 mesh over their 2 + 2 emulated devices): SIGTERM to
+  process 0 alone, and both save the same step (JAX's preemption service agrees on it) and exit
+  75."""
+  c, _, _ = two_epochs
+  workdir = str(tmp_path / 'work')
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+               JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i))
+    env.pop('XLA_FLAGS', None)  # the demo config emulates 2 devices per process
+    procs.append(
+        subprocess.Popen([
+            sys.executable, '-m', 'alexnet_jax.main', '--config=configs/demo.py',
+            f'--workdir={workdir}', '--config.mesh.data=2',
+            f'--config.dataset.data_dir={c.dataset.data_dir}', '--config.dataset.num_train=64',
+            '--config.dataset.num_val=24', '--config.dataset.image_size=72',
+            '--config.model.image_size=67', '--config.model.width=0.0625', '--config.batch_size=16',
+            '--config.eval_batch_size=16', '--config.num_epochs=200', '--config.input.workers=0',
+            '--config.log_every_steps=1'
+        ], cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+  try:
+    _wait_for_training(procs[0])
+    procs[0].send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=180)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  saved = []
+  for p, err in zip(procs, errs):
+    assert p.returncode == preemption.REQUEUE_STATUS, err[-3000:]
+    (line,) = [l for l in err.splitlines() if 'checkpoint saved at step' in l]
+    saved.append(int(line.split('checkpoint saved at step ')[1].split(';')[0]))
+  assert saved[0] == saved[1] >= 3 and _steps(workdir)[-1] == saved[0]
