@@ -60,8 +60,22 @@ def mesh_shape(mesh_cfg, *, num_devices: int, towers: int) -> tuple[int, int]:
 def make_mesh(mesh_cfg, *, towers: int, devices=None) -> jax.sharding.Mesh:
   devices = list(jax.devices() if devices is None else devices)
   data, model = mesh_shape(mesh_cfg, num_devices=len(devices), towers=towers)
+  check_every_process_takes_part(devices[:data * model], data, model)
   return jax.make_mesh((data, model), (DATA, MODEL), devices=devices[:data * model],
                        axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+
+
+def check_every_process_takes_part(mesh_devices, data: int, model: int) -> None:
+  """Refuses (the same line on every process) a mesh that leaves a process without a device: that
+  process would have nothing to compute and hang the others at their first collective."""
+  processes = jax.process_count()
+  missing = sorted(set(range(processes)) - {d.process_index for d in mesh_devices})
+  if missing:
+    raise MeshError(
+        f'the mesh {data}x{model} (data x model) takes {len(mesh_devices)} of the '
+        f'{jax.device_count()} devices of the {processes} processes, none of process {missing[0]}; '
+        'every process must take part: use --config.mesh.data=-1 (every device) or a mesh of '
+        f'{jax.device_count()} devices')
 
 
 def check_batch(global_batch: int, mesh: jax.sharding.Mesh, what: str = 'batch_size', *,

@@ -2,18 +2,42 @@
 # N processes on this machine, each a "host" with its own emulated CPU devices: exercises the
 # multi-host code paths (per-process data shards, global batch assembly) without a cluster.
 #   launch/local_multiprocess.sh 2 configs/demo.py /tmp/alexnet_mp
+# The mesh's data axis spans every process's devices (--config.mesh.data=-1; later arguments
+# override it). A free port is chosen unless PORT is set. When one process fails the others are
+# stopped (they would wait for it forever) and the script exits with the first failure's status.
 set -euo pipefail
 N=${1:?number of processes}
 CONFIG=${2:?config file}
 WORKDIR=${3:?workdir}
 shift 3
-PORT=${PORT:-12355}
+PORT=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 pids=()
 for ((i = 0; i < N; i++)); do
   JAX_COORDINATOR_ADDRESS=127.0.0.1:$PORT JAX_NUM_PROCESSES=$N JAX_PROCESS_ID=$i \
-    JAX_PLATFORMS=cpu python -m alexnet_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@" &
+    JAX_PLATFORMS=cpu python -m alexnet_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
+    --config.mesh.data=-1 "$@" &
   pids+=($!)
 done
+stop_all() {
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  sleep 10
+  kill -KILL "${pids[@]}" 2>/dev/null || true
+}
+# SIGTERM / SIGINT to the script go to every process: each saves and exits 75 (see README).
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
+declare -A running
+for pid in "${pids[@]}"; do running[$pid]=1; done
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+while ((${#running[@]})); do
+  rc=0
+  wait -n -p finished "${!running[@]}" || rc=$?
+  unset "running[$finished]"
+  if [[ $rc -ne 0 && $status -eq 0 ]]; then
+    status=$rc
+    if [[ $rc -ne 75 ]]; then
+      echo "local_multiprocess.sh: process $finished exited with status $rc; stopping the others" >&2
+      stop_all &
+    fi
+  fi
+done
 exit $status
