@@ -5,17 +5,19 @@
 # The mesh's data axis spans every process's devices (--config.mesh.data=-1; later arguments
 # override it). A free port is chosen unless PORT is set. When one process fails the others are
 # stopped (they would wait for it forever) and the script exits with the first failure's status.
+# PYTHON: the interpreter to run (default: python on the PATH).
 set -euo pipefail
 N=${1:?number of processes}
 CONFIG=${2:?config file}
 WORKDIR=${3:?workdir}
 shift 3
-PORT=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+PORT=${PORT:-$("${PYTHON:-python}" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 pids=()
 for ((i = 0; i < N; i++)); do
-  JAX_COORDINATOR_ADDRESS=127.0.0.1:$PORT JAX_NUM_PROCESSES=$N JAX_PROCESS_ID=$i \
-    JAX_PLATFORMS=cpu python -m alexnet_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
-    --config.mesh.data=-1 "$@" &
+  # exec: $! is the process itself (no shell in between), so signals reach it.
+  (exec env JAX_COORDINATOR_ADDRESS=127.0.0.1:$PORT JAX_NUM_PROCESSES=$N JAX_PROCESS_ID=$i \
+    JAX_PLATFORMS=cpu "${PYTHON:-python}" -m alexnet_jax.main --config="$CONFIG" \
+    --workdir="$WORKDIR" --config.mesh.data=-1 "$@") &
   pids+=($!)
 done
 stop_all() {

@@ -4,6 +4,7 @@ loopback, each with its own emulated CPU devices."""
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -20,7 +21,8 @@ TINY = [
 
 def _env(data_dir):
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'PORT')}
-  return dict(env, TFDS_DATA_DIR=str(data_dir))  # the demo config emulates 2 devices each
+  # The demo config emulates 2 devices per process; PYTHON: the interpreter running the tests.
+  return dict(env, TFDS_DATA_DIR=str(data_dir), PYTHON=sys.executable)
 
 
 def _launch(tmp_path, workdir, *args, **kw):
@@ -49,11 +51,20 @@ def test_a_mesh_leaving_out_a_process_is_refused_on_every_process(tmp_path):
   assert 'Traceback' not in proc.stderr
 
 
-def _python_children(pid):
-  out = subprocess.run(
-      ['ps', '-o', 'pid=,comm=', '--ppid', str(pid)], capture_output=True,
-      text=True).stdout.split('\n')
-  return [int(l.split()[0]) for l in out if 'python' in l]
+def _training_processes(pid):
+  """The ``alexnet_jax.main`` processes among ``pid``'s descendants."""
+  out = subprocess.run(['ps', '-eo', 'pid=,ppid=,args='], capture_output=True, text=True).stdout
+  rows = [l.split(None, 2) for l in out.splitlines() if l.strip()]
+  children = {}
+  for child, parent, args in rows:
+    children.setdefault(int(parent), []).append((int(child), args))
+  found, todo = [], [pid]
+  while todo:
+    for child, args in children.get(todo.pop(), []):
+      todo.append(child)
+      if 'alexnet_jax.main' in args:
+        found.append(child)
+  return found
 
 
 def test_a_process_that_dies_ends_the_others(tmp_path):
@@ -69,16 +80,19 @@ def test_a_process_that_dies_ends_the_others(tmp_path):
       if not line:
         pytest.fail('the run did not start:\n' + ''.join(seen[-30:]))
       seen.append(line)
-    workers = _python_children(proc.pid)
-    assert len(workers) == 2
+    workers = _training_processes(proc.pid)
+    assert len(workers) == 2, subprocess.run(['ps', '-eo', 'pid,ppid,args'], capture_output=True,
+                                             text=True).stdout[-3000:]
     os.kill(workers[1], signal.SIGKILL)
     start = time.time()
     _, err = proc.communicate(timeout=60)
   finally:
-    proc.kill()
+    if proc.poll() is None:
+      for pid in _training_processes(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+      proc.kill()
   assert proc.returncode == 128 + signal.SIGKILL and time.time() - start < 30, err[-3000:]
   assert f'process {workers[1]} exited with status {128 + signal.SIGKILL}' in err
   time.sleep(11)  # the survivor gets SIGTERM, then SIGKILL 10 s later
-  assert not _python_children(proc.pid) and all(
-      not os.path.exists(f'/proc/{w}') or open(f'/proc/{w}/stat').read().split()[2] == 'Z'
-      for w in workers)
+  assert all(not os.path.exists(f'/proc/{w}') or open(f'/proc/{w}/stat').read().split()[2] == 'Z'
+             for w in workers)
