@@ -227,7 +227,8 @@ def quiet_orbax_info() -> None:
   in its own line (``checkpointing.wait``)."""
 
   def one_line(record) -> bool:
-    if 'orbax' not in record.pathname:
+    # asyncio's "exception was never retrieved" records come from orbax's writer tasks too.
+    if 'orbax' not in record.pathname and record.name != 'asyncio':
       return True
     if record.levelno < pylogging.WARNING:
       return False
