@@ -80,6 +80,11 @@ def _diverged(step: int, what: str, config, manager) -> DivergedError:
                        f'saved ({kept}); try {" or ".join(hints)}')
 
 
+def _data_identity(config, num_examples: int) -> dict[str, int]:
+  """What a checkpoint's data position is a position in: saved with it, compared on resume."""
+  return dict(batch_size=int(config.batch_size), seed=int(config.seed), examples=int(num_examples))
+
+
 def _check_data_position(meta: dict, config, num_examples: int) -> None:
   """A checkpoint's data position carries over to any process count and mesh, but not to another
   batch size, seed or training set: refuses those with what to do instead."""
@@ -93,7 +98,7 @@ def _check_data_position(meta: dict, config, num_examples: int) -> None:
       seed=('the order of the examples is drawn from the seed', f'--config.seed={data["seed"]}'),
       examples=('the order of the examples is a permutation of that many',
                 'the training set it was trained on'))
-  now = dict(batch_size=int(config.batch_size), seed=int(config.seed), examples=int(num_examples))
+  now = _data_identity(config, num_examples)
   for key, (reason, fix) in why.items():
     if int(data[key]) != now[key]:
       raise ConfigError(
@@ -161,8 +166,7 @@ def _train(config, workdir, hooks, data, prog, manager, steps_per_epoch: int,
     logging.info('already trained for %d steps', step)
   eval_ds = inputs_lib.eval_batches(config, data.eval_source)  # iterated afresh at every evaluation
   train_iter = inputs_lib.train_batches(config, data.train_source, prog.mesh, start_step=step)
-  data_position = dict(batch_size=int(config.batch_size), seed=int(config.seed),
-                       examples=len(data.train_source))
+  data_position = _data_identity(config, len(data.train_source))
 
   def save(epoch: float, metrics=None) -> None:
     meta = dict(epoch=epoch, step=step, plateau=plateau.state_dict(), val=val,
