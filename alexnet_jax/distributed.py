@@ -1,17 +1,32 @@
 """Process start-up: CPU device emulation and multi-host initialisation.
 
 Both must happen before JAX touches a backend, so entry points call ``initialize`` first thing.
+
+Which launcher started the processes decides how they find each other:
+
+* ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (``launch/
+  local_multiprocess.sh``, or any launcher of your own): used as given.
+* SLURM (``launch/slurm_gpu.sh``): JAX reads the job's variables itself. The GPUs each process
+  drives follow from the tasks per node and the GPUs visible to each task, see ``slurm_local_devices``.
+* TPU VMs (``launch/tpu_pod.sh`` sets ``ALEXNET_JAX_DISTRIBUTED=auto``): ``jax.distributed
+  .initialize()`` without arguments, as JAX recommends there; it asks the TPU metadata server.
+* Open MPI (``OMPI_COMM_WORLD_SIZE`` > 1): detected by JAX itself.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 
 import jax
 from absl import logging
 
+from alexnet_jax.errors import MeshError
+
 _COUNT_FLAG = '--xla_force_host_platform_device_count'
+# Set by launchers (tpu_pod.sh) whose processes JAX finds by itself although no variable says so.
+AUTO_VARIABLE = 'ALEXNET_JAX_DISTRIBUTED'
 
 
 def emulate_cpu_devices(count: int) -> None:
@@ -25,32 +40,94 @@ def emulate_cpu_devices(count: int) -> None:
   os.environ['XLA_FLAGS'] = f'{flags} {_COUNT_FLAG}={count}'.strip()
 
 
-def _multi_host_environment() -> bool:
-  env = os.environ
-  if 'JAX_COORDINATOR_ADDRESS' in env:
+def _slurm_job(env: Mapping[str, str]) -> bool:
+  return 'SLURM_JOB_ID' in env and 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1
+
+
+def multi_host_environment(env: Mapping[str, str]) -> bool:
+  if 'JAX_COORDINATOR_ADDRESS' in env or env.get(AUTO_VARIABLE) == 'auto':
     return True
-  if int(env.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_JOB_ID' in env:
+  if _slurm_job(env):
     return True
   if 'TPU_WORKER_HOSTNAMES' in env or 'MEGASCALE_COORDINATOR_ADDRESS' in env:
     return True
-  if int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
-    return True
-  return False
+  return int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
+
+
+def _tasks_per_node(env: Mapping[str, str]) -> int:
+  """This node's task count: SLURM_TASKS_PER_NODE reads e.g. '8(x4)' or '2,1' (one entry per
+  group of nodes, in node order)."""
+  spec = env.get('SLURM_STEP_TASKS_PER_NODE') or env.get('SLURM_TASKS_PER_NODE')
+  if not spec:
+    nodes = int(env.get('SLURM_STEP_NUM_NODES') or env.get('SLURM_NNODES') or 1)
+    return max(1, int(env['SLURM_NTASKS']) // nodes)
+  node, counts = int(env.get('SLURM_NODEID', '0')), []
+  for part in spec.split(','):
+    m = re.fullmatch(r'(\d+)(?:\(x(\d+)\))?', part.strip())
+    if not m:
+      raise ValueError(f'cannot read SLURM_TASKS_PER_NODE={spec!r}')
+    counts += [int(m.group(1))] * int(m.group(2) or 1)
+  return counts[min(node, len(counts) - 1)]
+
+
+def _visible_gpus(env: Mapping[str, str]) -> int | None:
+  """GPUs this task may use: CUDA_VISIBLE_DEVICES (SLURM sets it from the allocation), else
+  SLURM_GPUS_ON_NODE; None where neither says (no GPU job, e.g. a CPU rehearsal)."""
+  visible = env.get('CUDA_VISIBLE_DEVICES')
+  if visible is not None and visible.strip() not in ('', 'NoDevFiles'):
+    return len([d for d in visible.split(',') if d.strip()])
+  if env.get('SLURM_GPUS_ON_NODE', '').isdigit():
+    return int(env['SLURM_GPUS_ON_NODE'])
+  return None
+
+
+def slurm_local_devices(env: Mapping[str, str]) -> list[int] | None:
+  """The local device ids a SLURM task drives, for ``jax.distributed.initialize``.
+
+  Two layouts are supported, and both use every GPU: one task per node driving all of the node's
+  GPUs (``launch/slurm_gpu.sh``'s default), and one task per GPU (``--ntasks-per-node`` = GPUs per
+  node; each task drives GPU ``SLURM_LOCALID``, or its only GPU where SLURM binds one per task).
+  Left to itself, JAX would give every task only GPU ``SLURM_LOCALID``: on a node with 8 GPUs and
+  one task, GPU 0 alone. Anything else leaves GPUs idle and is refused. None: no GPUs named (JAX's
+  own choice stands)."""
+  gpus = _visible_gpus(env)
+  if gpus is None:
+    return None
+  tasks = _tasks_per_node(env)
+  if tasks == 1:
+    return list(range(gpus))
+  if gpus == 1:
+    return [0]
+  if gpus == tasks:
+    return [int(env.get('SLURM_LOCALID', '0'))]
+  raise MeshError(f'SLURM runs {tasks} tasks on this node and each sees {gpus} GPUs, so GPUs would '
+                  f'be shared or left idle: use --ntasks-per-node=1 (one process drives all '
+                  f'{gpus} GPUs) or --ntasks-per-node={gpus} (one process per GPU)')
 
 
 def initialize(config) -> None:
   """Emulated CPU devices as configured; ``jax.distributed.initialize`` when several processes run
-  (SLURM, Open MPI and TPU pods are detected by JAX itself; elsewhere set
-  ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``)."""
+  (see the module docstring for the launchers it recognises)."""
   emulate_cpu_devices(int(config.emulate_cpu_devices))
-  if not _multi_host_environment():
-    return
   env = os.environ
+  if not multi_host_environment(env):
+    return
   if 'JAX_COORDINATOR_ADDRESS' in env:
     jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
                                num_processes=int(env['JAX_NUM_PROCESSES']),
                                process_id=int(env['JAX_PROCESS_ID']))
+  elif _slurm_job(env):
+    jax.distributed.initialize(local_device_ids=slurm_local_devices(env))
   else:
     jax.distributed.initialize()
-  logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def describe_layout(mesh) -> str:
+  """One line, logged by every process at start-up, that shows a wrong layout at once: the
+  processes, this process's and all devices, and the mesh."""
+  local = jax.local_devices()
+  kinds = sorted({d.device_kind for d in local})
+  return (f'process {jax.process_index()} of {jax.process_count()}: {len(local)} local '
+          f'{"/".join(kinds)} device(s) (ids {",".join(str(d.id) for d in local)}) of '
+          f'{jax.device_count()} in all; mesh {mesh.shape["data"]}x{mesh.shape["model"]} '
+          f'(data x model) over {mesh.devices.size} devices')

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from alexnet_jax import checkpointing, configs, optim, preemption, sharding
+from alexnet_jax import checkpointing, configs, distributed, optim, preemption, sharding
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax import program as program_lib
 from alexnet_jax.data import inputs as inputs_lib
@@ -117,6 +117,7 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Hook] = ()) -> dict
   """
   configs.check_fields(config)
   mesh = program_lib.make_mesh(config)
+  logging.info('%s', distributed.describe_layout(mesh))
   program_lib.check_batch(config, mesh)
   program_lib.check_batch(config, mesh, 'eval_batch_size')
   data = inputs_lib.open_inputs(config)
