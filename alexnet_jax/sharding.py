@@ -80,7 +80,8 @@ def check_every_process_takes_part(mesh_devices, data: int, model: int) -> None:
 
 def check_batch(global_batch: int, mesh: jax.sharding.Mesh, what: str = 'batch_size', *,
                 split_over_model: bool = False) -> None:
-  """The batch splits evenly over the data axis and the hosts, and with ``split_over_model`` (the
+  """The batch splits evenly over the data axis (and so over the hosts, which supply whole data
+  shards), and with ``split_over_model`` (the
   hybrid AlexNet's data-parallel convolutions) each data shard's examples over the model axis."""
   data = mesh.shape[DATA]
   if global_batch % data or global_batch < data:
@@ -91,9 +92,6 @@ def check_batch(global_batch: int, mesh: jax.sharding.Mesh, what: str = 'batch_s
     raise MeshError(f"{what}={global_batch}: the hybrid model splits every data shard's examples "
                     f'over the {mesh.shape[MODEL]} devices of the model axis; use a multiple of '
                     f'mesh.data x mesh.model = {both}')
-  if global_batch % jax.process_count():
-    raise MeshError(f'{what}={global_batch} is not divisible by the number of hosts '
-                    f'({jax.process_count()})')
 
 
 def param_specs(variables: nnx.State) -> dict:
@@ -112,12 +110,40 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
+def host_shards(mesh: jax.sharding.Mesh, process_index: int | None = None) -> tuple[int, ...]:
+  """The data shards (indices along the mesh's ``data`` axis) whose batch rows ``process_index``
+  (default: this process) supplies: those its devices hold.
+
+  The batch is split over ``data`` and replicated over ``model``, so where the model axis crosses
+  hosts several processes hold the same rows and must supply identical data, and where it stays
+  within a host a process holds whole data shards. A process's shards need not be contiguous
+  (a TPU mesh follows the chips' topology); the rows go to the devices in shard order."""
+  process = jax.process_index() if process_index is None else process_index
+  shards = sorted({
+      i for i, row in enumerate(mesh.devices.reshape(mesh.shape[DATA], -1))
+      if any(d.process_index == process for d in row)
+  })
+  if not shards:
+    raise MeshError(f'process {process} holds no device of the mesh {dict(mesh.shape)}')
+  return tuple(shards)
+
+
 def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """This host's slice of the global batch → global arrays sharded over ``data``."""
+  """This host's rows of the global batch (those of its ``host_shards``, in shard order) → global
+  arrays sharded over ``data``, replicated over ``model``."""
   sharding = batch_sharding(mesh)
-  return {
-      k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-  }
+  held = len(host_shards(mesh))
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    if v.shape[0] % held:
+      raise ValueError(f'{k}: {v.shape[0]} rows do not split over the {held} data shards this '
+                       'process holds')
+    # The global shape says how many rows there are in all: inferring it would take every process
+    # for the owner of distinct rows, which is wrong where the model axis crosses hosts.
+    global_shape = (v.shape[0] // held * mesh.shape[DATA],) + v.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

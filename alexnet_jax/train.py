@@ -165,7 +165,8 @@ def _train(config, workdir, hooks, data, prog, manager, steps_per_epoch: int,
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   if step >= total_steps:
     logging.info('already trained for %d steps', step)
-  eval_ds = inputs_lib.eval_batches(config, data.eval_source)  # iterated afresh at every evaluation
+  # Iterated afresh at every evaluation.
+  eval_ds = inputs_lib.eval_batches(config, data.eval_source, prog.mesh)
   train_iter = inputs_lib.train_batches(config, data.train_source, prog.mesh, start_step=step)
   data_position = _data_identity(config, len(data.train_source))
 

@@ -239,19 +239,28 @@ def test_same_seed_same_batches_and_mid_epoch_resume(tiny_dir):
     _same(e, next(resumed))
 
 
-@pytest.mark.parametrize('processes, start', [(2, 0), (4, 3)])
-def test_the_global_batches_do_not_depend_on_the_process_count(tiny_dir, processes, start):
-  """Each process's rows of a global batch, stacked in process order (as the mesh places them),
-  are the one-process batch: the same examples, crops, flips and colour shifts, from any step."""
+@pytest.mark.parametrize(
+    'layout, start',
+    [
+        ([(0,), (1,)], 0),
+        ([(0,), (1,), (2,), (3,)], 3),
+        ([(0, 2), (1, 3)], 2),  # interleaved shards: assembled from per-shard rows
+    ])
+def test_the_global_batches_do_not_depend_on_the_process_count(tiny_dir, layout, start):
+  """The hosts' rows of a global batch, put in shard order (as the mesh places them), are the
+  one-process batch: the same examples, crops, flips and colour shifts, from any step."""
   src = catalog.open_record_directory(tiny_dir, 'train')
   one = iter(_stream(src, 7, start_batch=start))
-  shares = [
-      iter(_stream(src, 7, start_batch=start, process_index=p, process_count=processes))
-      for p in range(processes)
-  ]
+  shards = sum(len(h) for h in layout)
+  hosts = [iter(_stream(src, 7, start_batch=start, shards=shards, host_shards=h)) for h in layout]
+  per_shard = 8 // shards
   for _ in range(8):  # across the epoch border
-    parts = [next(it) for it in shares]
-    _same(next(one), {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    parts = {}
+    for host, it in zip(layout, hosts):
+      batch = next(it)
+      for j, i in enumerate(host):
+        parts[i] = {k: v[j * per_shard:(j + 1) * per_shard] for k, v in batch.items()}
+    _same(next(one), {k: np.concatenate([parts[i][k] for i in range(shards)]) for k in parts[0]})
 
 
 # ---------------------------------------------------------------------------

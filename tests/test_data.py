@@ -175,7 +175,8 @@ def test_train_batches_shape_dtype(tiny_dir):
     assert batch['label'].shape == (16,) and batch['label'].dtype == np.int32
     assert ((batch['label'] >= 0) & (batch['label'] < 10)).all()
   with pytest.raises(ValueError):
-    pipeline.train_dataset(src, global_batch_size=10, crop_size=32, seed=0, process_count=4)
+    pipeline.train_dataset(src, global_batch_size=10, crop_size=32, seed=0, shards=4,
+                           host_shards=(0,))
 
 
 def test_train_crop_windows_and_flips():
@@ -221,7 +222,7 @@ def test_processes_share_every_epoch_once():
   seen = []
   for p in range(count):
     ds = pipeline.train_dataset(src, global_batch_size=global_batch, crop_size=8, seed=5,
-                                process_index=p, process_count=count)
+                                shards=count, host_shards=(p,))
     it = iter(ds)
     # Local batch 2, 3 global batches per epoch: the processes' first 3 batches are one epoch.
     seen.extend(np.concatenate([next(it)['label'] for _ in range(3)]).tolist())
@@ -280,19 +281,38 @@ def test_eval_covers_each_example_once_with_mask():
     np.testing.assert_array_equal(images[0, :, :, 1] // 5, (2 + np.arange(8))[None, :].repeat(8, 0))
 
 
-def test_eval_multi_process_lock_step():
-  n, count = 25, 4
+@pytest.mark.parametrize(
+    'layout',
+    [
+        [(0,), (1,), (2,), (3,)],  # the data axis over 4 hosts
+        [(0, 1), (2, 3)],  # 2 hosts of 2 data shards each
+        [(0, 2), (1, 3)],  # hosts whose shards interleave (a TPU mesh can)
+        [(0, 1), (0, 1), (2, 3), (2, 3)],  # the model axis across pairs of hosts
+    ])
+def test_eval_multi_process_lock_step(layout):
+  """Every host yields the same number of batches; its rows are those of its data shards; over
+  the distinct shard sets each example is counted exactly once; hosts with the same shards (the
+  model axis across hosts) read the same rows."""
+  n, shards, global_batch = 25, 4, 8
   src = _indexed_source(n)
-  seen, lengths = [], set()
-  for p in range(count):
+  seen, lengths, rows = [], set(), {}
+  for host in layout:
     batches = list(
-        pipeline.eval_dataset(src, global_batch_size=8, crop_size=8, process_index=p,
-                              process_count=count))
+        pipeline.eval_dataset(src, global_batch_size=global_batch, crop_size=8, shards=shards,
+                              host_shards=host))
     lengths.add(len(batches))
     for b in batches:
-      assert b['image'].shape == (2, 8, 8, 3)
-      seen.extend(b['label'][b['mask'] == 1].tolist())
-  assert lengths == {pipeline.eval_steps(n, 8, count)} == {4}  # ceil(ceil(25/4)/2)
+      assert b['image'].shape == (2 * len(host), 8, 8, 3)
+    labels = [b['label'][b['mask'] == 1].tolist() for b in batches]
+    if host in rows:
+      assert rows[host] == labels
+      continue
+    rows[host] = labels
+    for step, b in enumerate(labels):  # global batch `step`, rows of shard i: 8·step + 2·i …
+      expected = [r for i in host for r in range(8 * step + 2 * i, 8 * step + 2 * i + 2) if r < n]
+      assert b == expected
+      seen.extend(b)
+  assert lengths == {pipeline.eval_steps(n, global_batch)} == {4}  # ceil(25/8)
   assert sorted(seen) == list(range(n))
 
 
@@ -300,9 +320,12 @@ def test_step_helpers():
   assert pipeline.steps_per_epoch(10000, 128) == 78
   assert pipeline.steps_per_epoch(10, 128) == 1
   assert pipeline.eval_steps(2000, 128) == 16
-  assert pipeline.eval_steps(2000, 128, 4) == 16
+  assert pipeline.eval_steps(0, 128) == 1
+  assert pipeline.host_rows(128, 4, (1, 2)) == 64
   with pytest.raises(ValueError):
-    pipeline.local_batch_size(10, 4)
+    pipeline.host_rows(10, 4)
+  with pytest.raises(ValueError):
+    pipeline.host_rows(8, 4, (4,))
 
 
 # ---------------------------------------------------------------------------

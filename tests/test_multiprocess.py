@@ -1,12 +1,17 @@
 """The local rehearsal of a multi-host run: ``launch/local_multiprocess.sh`` with real processes on
 loopback, each with its own emulated CPU devices."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,22 +30,99 @@ def _env(data_dir):
   return dict(env, TFDS_DATA_DIR=str(data_dir), PYTHON=sys.executable)
 
 
-def _launch(tmp_path, workdir, *args, **kw):
-  return subprocess.run(['bash', SCRIPT, '2', 'configs/demo.py',
-                         str(workdir), *TINY, *args], cwd=REPO, env=_env(tmp_path / 'data'),
-                        capture_output=True, text=True, timeout=400, **kw)
+def _launch(tmp_path, workdir, *args, processes=2, **kw):
+  return subprocess.run(
+      ['bash', SCRIPT,
+       str(processes), 'configs/demo.py',
+       str(workdir), *TINY, *args], cwd=REPO, env=_env(tmp_path / 'data'), capture_output=True,
+      text=True, timeout=400, **kw)
 
 
-def test_the_rehearsal_trains_and_resumes_on_every_process(tmp_path):
+def _one_process(tmp_path, workdir, *args):
+  """The same global config in one process without jax.distributed: the reference."""
+  env = dict(_env(tmp_path / 'data'), JAX_PLATFORMS='cpu')
+  return subprocess.run([
+      sys.executable, '-m', 'alexnet_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
+      *TINY, *args
+  ], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+
+
+@pytest.fixture(scope='module')
+def rehearsal(tmp_path_factory):
+  """The README's rehearsal at tiny sizes, one epoch: 2 processes of 2 devices, a 2x2 mesh (the
+  data axis across the processes, the towers within each). Tests copy its workdir."""
+  root = tmp_path_factory.mktemp('rehearsal')
+  proc = _launch(root, root / 'work', '--config.num_epochs=1')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return root, proc
+
+
+def test_the_rehearsal_trains_and_resumes_on_every_process(rehearsal, tmp_path):
+  root, first = rehearsal
+  assert 'mesh 2x2 (data x model) over 4 devices' in first.stderr
+  for p in range(2):
+    assert f'process {p} of 2: 2 local cpu device(s)' in first.stderr
   workdir = tmp_path / 'work'
-  first = _launch(tmp_path, workdir, '--config.num_epochs=1')
-  assert first.returncode == 0, first.stderr[-3000:]
-  second = _launch(tmp_path, workdir, '--config.num_epochs=2')
+  shutil.copytree(root / 'work', workdir)
+  second = _launch(root, workdir, '--config.num_epochs=2')
   assert second.returncode == 0, second.stderr[-3000:]
   finals = [l for l in second.stdout.splitlines() if l.startswith('final validation')]
   assert len(finals) == 2 and finals[0] == finals[1]  # both processes, one result
   assert second.stderr.count('restored checkpoint at step 4') == 2
   assert sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit()) == [4, 8]
+
+
+def _history(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(l) for l in f]
+  return [{k: v for k, v in r.items() if k != 'images_per_second'} for r in rows]
+
+
+def _state(workdir, step):
+  """A checkpoint's state as numpy arrays, read with orbax alone (no mesh, no config)."""
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  reader = ocp.PyTreeCheckpointer()
+  tree = reader.metadata(path).item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
+def _assert_same_run(multi, single):
+  """Same batches (the loss and errors of every step, the validation's example count) and the
+  same parameters and momentum; a relative 1e-6 leaves room for another reduction order."""
+  a, b = _history(multi), _history(single)
+  assert [r['step'] for r in a] == [r['step'] for r in b] and len(a) == 5
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      if isinstance(x[k], str):
+        assert x[k] == y[k]
+      else:
+        np.testing.assert_allclose(x[k], y[k], rtol=1e-6, err_msg=f'step {x["step"]} {k}')
+  assert a[-1]['split'] == 'val' and a[-1]['examples'] == 24  # every example, counted once
+  ours, theirs = _state(multi, 4), _state(single, 4)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+def test_the_data_axis_across_processes_computes_what_one_process_computes(rehearsal, tmp_path):
+  root, _ = rehearsal
+  single = _one_process(root, tmp_path / 'one', '--config.num_epochs=1',
+                        '--config.emulate_cpu_devices=4', '--config.mesh.data=2')
+  assert single.returncode == 0, single.stderr[-3000:]
+  _assert_same_run(root / 'work', tmp_path / 'one')
+
+
+def test_the_towers_across_processes_compute_what_one_process_computes(tmp_path):
+  """One device per process, the 1x2 mesh: each tower on another host, both fed the same rows."""
+  multi = _launch(tmp_path, tmp_path / 'two', '--config.num_epochs=1',
+                  '--config.emulate_cpu_devices=1', '--config.mesh.data=1')
+  assert multi.returncode == 0, multi.stderr[-3000:]
+  assert multi.stderr.count('mesh 1x2 (data x model) over 2 devices') == 2
+  single = _one_process(tmp_path, tmp_path / 'one', '--config.num_epochs=1')
+  assert single.returncode == 0, single.stderr[-3000:]
+  _assert_same_run(tmp_path / 'two', tmp_path / 'one')
 
 
 def test_a_mesh_leaving_out_a_process_is_refused_on_every_process(tmp_path):

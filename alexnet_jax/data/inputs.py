@@ -90,18 +90,19 @@ def train_batches(config, train_source, mesh, start_step: int = 0) -> pipeline.D
       iter(
           pipeline.train_dataset(train_source, global_batch_size=config.batch_size,
                                  crop_size=config.model.image_size, seed=config.seed,
-                                 start_batch=start_step, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), workers=inp.workers,
+                                 start_batch=start_step, shards=mesh.shape[sharding.DATA],
+                                 host_shards=sharding.host_shards(mesh), workers=inp.workers,
                                  resize_to=inp.resize_to, random_crop=inp.random_crop,
                                  flip=inp.flip, pca_std=inp.pca_lighting_std,
                                  worker_priority=inp.worker_priority)),
       put=lambda b: sharding.put_batch(b, mesh), size=inp.prefetch_batches)
 
 
-def eval_batches(config, eval_source):
-  """This process's evaluation batches (views, padding masks): iterate it afresh for every pass."""
+def eval_batches(config, eval_source, mesh):
+  """This process's rows of the evaluation batches on ``mesh`` (views, padding masks): iterate it
+  afresh for every pass."""
   inp = config.input
   return pipeline.eval_dataset(eval_source, global_batch_size=config.eval_batch_size,
-                               crop_size=config.model.image_size, process_index=jax.process_index(),
-                               process_count=jax.process_count(), workers=inp.workers,
+                               crop_size=config.model.image_size, shards=mesh.shape[sharding.DATA],
+                               host_shards=sharding.host_shards(mesh), workers=inp.workers,
                                resize_to=inp.resize_to, views=inp.eval_views)

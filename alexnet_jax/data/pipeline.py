@@ -12,10 +12,13 @@ int}` (see `catalog.open_source`) and yield host-local batches of numpy arrays:
   real examples and 0.0 for padding (zero images, label 0) that fills the last batch, so
   shapes stay static.
 
-`local_batch = global_batch_size // process_count`. Training: process p gets rows
-`p·local_batch …` of every global batch of one global stream (see `train_dataset`); evaluation:
-each process reads the records `process_index::process_count`. Images stay uint8: normalisation
-belongs on the device.
+Multi-host: the global batch is split over the mesh's data axis into `shards` equal blocks of
+rows, and a process supplies the blocks its devices hold (`host_shards`, see
+`sharding.host_shards`): every block where the model axis stays within a host, and the same blocks
+as the other processes of its model group where that axis crosses hosts. Training and evaluation
+both read one global sequence (see `train_dataset`, `eval_dataset`), so a process reads only its
+own rows and the global batch is the same whatever the processes. Images stay uint8:
+normalisation belongs on the device.
 
 Randomness (shuffle order, crop offsets, flips, colour shifts) derives from `seed` and the
 example's position in the global stream only, so it depends neither on thread timing nor on the
@@ -41,18 +44,28 @@ from alexnet_jax.errors import ConfigError
 
 __all__ = [
     'train_dataset', 'eval_dataset', 'steps_per_epoch', 'eval_steps', 'TrainAugment',
-    'EvalTransform', 'local_batch_size', 'DevicePrefetch'
+    'EvalTransform', 'host_rows', 'DevicePrefetch'
 ]
 
 
-def local_batch_size(global_batch_size: int, process_count: int = 1) -> int:
-  if global_batch_size <= 0 or process_count <= 0:
-    raise ValueError(f'need positive global_batch_size and process_count, got '
-                     f'{global_batch_size}, {process_count}')
-  if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size {global_batch_size} is not divisible by '
-                     f'process_count {process_count}')
-  return global_batch_size // process_count
+def _check_shards(global_batch_size: int, shards: int, host_shards) -> tuple[int, ...]:
+  host_shards = tuple(sorted(int(i) for i in host_shards))
+  if global_batch_size <= 0 or shards <= 0:
+    raise ValueError(f'need positive global_batch_size and shards, got {global_batch_size}, '
+                     f'{shards}')
+  if global_batch_size % shards:
+    raise ValueError(f'global_batch_size {global_batch_size} is not divisible by the {shards} '
+                     'data shards')
+  if not host_shards or len(
+      set(host_shards)) != len(host_shards) or not all(0 <= i < shards for i in host_shards):
+    raise ValueError(f'host_shards {host_shards} must be distinct indices in [0, {shards})')
+  return host_shards
+
+
+def host_rows(global_batch_size: int, shards: int = 1, host_shards=(0,)) -> int:
+  """Rows of every global batch a process supplies: its data shards' share."""
+  host_shards = _check_shards(global_batch_size, shards, host_shards)
+  return global_batch_size // shards * len(host_shards)
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
@@ -60,10 +73,10 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   return max(1, num_examples // global_batch_size)
 
 
-def eval_steps(num_examples: int, global_batch_size: int, process_count: int = 1) -> int:
-  """Batches `eval_dataset` yields on every process (the same number on all of them)."""
-  per_process = math.ceil(num_examples / process_count)
-  return math.ceil(per_process / local_batch_size(global_batch_size, process_count))
+def eval_steps(num_examples: int, global_batch_size: int) -> int:
+  """Batches `eval_dataset` yields on every process (the same number on all of them): the
+  examples padded to whole global batches."""
+  return max(1, math.ceil(num_examples / global_batch_size))
 
 
 # ---------------------------------------------------------------------------
@@ -199,29 +212,62 @@ def finish(ds: grain.MapDataset, *, workers: int, read_threads: int, prefetch_bu
   return it_ds
 
 
+class _HostRows(grain.MapDataset):
+  """Item b: the rows of global batch ``start + b`` in the data shards ``host_shards`` of
+  ``shards``, from ``chunks``, whose item k is shard ``k mod shards`` of global batch
+  ``k div shards`` (a shard's rows). Used where a process's shards are not one aligned block."""
+
+  def __init__(self, chunks: grain.MapDataset, shards: int, host_shards: tuple[int, ...],
+               start: int = 0):
+    super().__init__(chunks)
+    self._shards, self._host_shards, self._start = shards, host_shards, start
+
+  def __len__(self):
+    return len(self._parent) // self._shards - self._start
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    first = (self._start + index) * self._shards
+    parts = [self._parent[first + i] for i in self._host_shards]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _select_rows(examples: grain.MapDataset, global_batch_size: int, shards: int,
+                 host_shards: tuple[int, ...], start: int = 0) -> grain.MapDataset:
+  """Global batch b is ``examples[b·B : (b+1)·B]``, split into ``shards`` blocks of rows; item b of
+  the result is this process's blocks of global batch ``start + b``, concatenated in shard order
+  (the order in which ``jax.make_array_from_process_local_data`` hands them to the devices)."""
+  held = len(host_shards)
+  groups = shards // held
+  if shards % held == 0 and host_shards == tuple(range(host_shards[0], host_shards[0] + held)) \
+      and host_shards[0] % held == 0:
+    # One aligned block of shards (every GPU and CPU layout): a strided slice of the batches.
+    rows = examples.batch(global_batch_size // groups, drop_remainder=True)
+    return rows[start * groups + host_shards[0] // held::groups]
+  return _HostRows(examples.batch(global_batch_size // shards, drop_remainder=True), shards,
+                   host_shards, start)
+
+
 def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
-                  start_batch: int = 0, process_index: int = 0, process_count: int = 1,
-                  workers: int = 0, prefetch_buffer: int = 4, read_threads: int = 4,
-                  resize_to: int | None = None, random_crop: bool = True, flip: bool = True,
-                  pca_std: float = 0.0, worker_priority: str = 'normal') -> grain.IterDataset:
+                  start_batch: int = 0, shards: int = 1, host_shards=(0,), workers: int = 0,
+                  prefetch_buffer: int = 4, read_threads: int = 4, resize_to: int | None = None,
+                  random_crop: bool = True, flip: bool = True, pca_std: float = 0.0,
+                  worker_priority: str = 'normal') -> grain.IterDataset:
   """Endless, shuffled, augmented training batches for this process, from global batch
   ``start_batch`` on (a resumed run's position: the steps it has trained).
 
   One global stream, the same for any number of processes: source → seed → shuffle (a new
   permutation every epoch) → repeat forever → TrainAugment (each example's crop, flip and colour
-  shift drawn from the seed and its position in the stream) → chunks of ``local_batch``. Global
-  batch b is chunks ``b·P … b·P + P − 1`` (P processes) and process p takes chunk ``b·P + p``: the
-  rows the mesh puts on its devices. So the order of examples is a function of the seed and the
-  epoch only, and a run can resume with another process count at the same position. Then
+  shift drawn from the seed and its position in the stream) → global batches, of which this
+  process takes the rows of its ``host_shards`` (of ``shards``, the mesh's data axis): the rows
+  the mesh puts on its devices. So the order of examples is a function of the seed and the epoch
+  only, and a run can resume on another mesh or process count at the same position. Then
   to_iter_dataset (read_threads threads, prefetch_buffer batches) → mp_prefetch (when
   workers > 0; each worker keeps its own copy of the source and runs at ``worker_priority``, one of
   ``WORKER_PRIORITIES``).
-
-  Returns an `IterDataset`; `iter()` of it is a checkpointable `DatasetIterator`.
   """
-  local = local_batch_size(global_batch_size, process_count)
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  host_shards = _check_shards(global_batch_size, shards, host_shards)
   if len(source) < global_batch_size:
     raise ConfigError(f'{len(source)} training examples are fewer than one batch of '
                       f'{global_batch_size}; lower --config.batch_size')
@@ -233,33 +279,28 @@ def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
   ds = ds.repeat(None)
   ds = ds.random_map(
       TrainAugment(crop_size, resize_to, random_crop=random_crop, flip=flip, pca_std=pca_std))
-  ds = ds.batch(local, drop_remainder=True)
-  ds = ds[start_batch * process_count + process_index::process_count]
+  ds = _select_rows(ds, global_batch_size, shards, host_shards, start_batch)
   return finish(ds, workers=workers, read_threads=read_threads, prefetch_buffer=prefetch_buffer,
                 worker_priority=worker_priority)
 
 
-def eval_dataset(source, *, global_batch_size: int, crop_size: int, process_index: int = 0,
-                 process_count: int = 1, workers: int = 0, prefetch_buffer: int = 4,
+def eval_dataset(source, *, global_batch_size: int, crop_size: int, shards: int = 1,
+                 host_shards=(0,), workers: int = 0, prefetch_buffer: int = 4,
                  read_threads: int = 4, resize_to: int | None = None,
                  views: str = 'center') -> grain.IterDataset:
-  """One deterministic pass over this process's slice, centre-cropped, with a mask.
-
-  Every process yields the same number of batches (`eval_steps(len(source), ...)`),
-  padding with mask-0 examples, so multi-host evaluation stays in lock step. Each
-  example of the source appears exactly once over all processes. The dataset can be
-  iterated again for the next evaluation.
+  """One deterministic pass, centre-cropped (or ten views), with a mask: the source in order,
+  padded with mask-0 examples to whole global batches (`eval_steps`), of which this process
+  takes the rows of its ``host_shards``. Every process yields the same number of batches, so
+  multi-host evaluation stays in lock step, and each example is counted exactly once. The dataset
+  can be iterated again for the next evaluation.
   """
-  local = local_batch_size(global_batch_size, process_count)
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.map(EvalTransform(crop_size, resize_to, views))
-  padded = eval_steps(len(source), global_batch_size, process_count) * local
+  host_shards = _check_shards(global_batch_size, shards, host_shards)
+  ds = grain.MapDataset.source(source).map(EvalTransform(crop_size, resize_to, views))
+  padded = eval_steps(len(source), global_batch_size) * global_batch_size
   if padded > len(ds):
     pad = grain.MapDataset.range(padded - len(ds)).map(_Padding(crop_size, views))
     ds = grain.MapDataset.concatenate([ds, pad]) if len(ds) else pad
-  ds = ds.batch(local, drop_remainder=True)
+  ds = _select_rows(ds, global_batch_size, shards, host_shards)
   return finish(ds, workers=workers, read_threads=read_threads, prefetch_buffer=prefetch_buffer)
 
 
