@@ -14,6 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from alexnet_jax import host
+
+from helpers import XLA_FAST_COMPILE
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'launch', 'local_multiprocess.sh')
 TINY = [
@@ -27,7 +31,8 @@ TINY = [
 def _env(data_dir):
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'PORT')}
   # The demo config emulates 2 devices per process; PYTHON: the interpreter running the tests.
-  return dict(env, TFDS_DATA_DIR=str(data_dir), PYTHON=sys.executable)
+  return dict(env, TFDS_DATA_DIR=str(data_dir), PYTHON=sys.executable, XLA_FLAGS=XLA_FAST_COMPILE,
+              GLIBC_TUNABLES=host.HUGE_PAGES_TUNABLE)
 
 
 def _launch(tmp_path, workdir, *args, processes=2, **kw):
