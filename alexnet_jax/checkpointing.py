@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from alexnet_jax import storage
 from alexnet_jax.errors import CheckpointError
 
 BEST_METRIC = 'val_top1_error'
@@ -64,7 +65,8 @@ def _state_dict(state) -> dict:
 
 def make_manager(directory: str, checkpoint_cfg,
                  steps_per_epoch: int | None = None) -> ocp.CheckpointManager:
-  """``steps_per_epoch``: converts ``checkpoint_cfg.keep_epochs`` to the steps kept for good."""
+  """``directory``: a local path (made absolute) or a ``gs://`` URL (see ``storage``).
+  ``steps_per_epoch``: converts ``checkpoint_cfg.keep_epochs`` to the steps kept for good."""
   policies = [ocp.checkpoint_managers.LatestN(n=int(checkpoint_cfg.keep))]
   best = {}
   if checkpoint_cfg.keep_best:
@@ -83,7 +85,7 @@ def make_manager(directory: str, checkpoint_cfg,
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
       enable_async_checkpointing=bool(checkpoint_cfg.async_save), create=True, **best)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+  return ocp.CheckpointManager(storage.absolute(directory), options=options, item_names=ITEMS)
 
 
 # -- integrity ---------------------------------------------------------------------------------
@@ -291,12 +293,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state) -> Restored |
 def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
   root = os.path.join(os.path.dirname(str(manager.directory)), DAMAGED_DIR)
   if jax.process_index() == 0:
-    os.makedirs(root, exist_ok=True)
+    storage.makedirs(root)
     for step in steps:
       target = os.path.join(root, str(step))
-      if os.path.exists(target):  # damaged twice at the same step: keep both
+      if storage.path(target).exists():  # damaged twice at the same step: keep both
         target = f'{target}-{time.strftime("%Y%m%d-%H%M%S")}'
-      os.rename(os.path.join(str(manager.directory), str(step)), target)
+      storage.move(os.path.join(str(manager.directory), str(step)), target)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('alexnet_jax:damaged_checkpoints_moved')
   manager.reload()

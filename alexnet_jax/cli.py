@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import configs, host
+from alexnet_jax import configs, host, storage
 from alexnet_jax.errors import ConfigError, DirectoryError, UserError
 
 
@@ -176,11 +176,18 @@ def _top_level_names(tree: ast.Module) -> set[str]:
 
 def writable_directory(path: str, flag: str) -> None:
   """Refuses (``DirectoryError``) a directory ``path``, named by ``flag``, that could not be
-  created or written: a file, a path under a file, or one in a directory without write
-  permission. Checked before any work starts, so that a run does not end in an ``OSError`` after
-  compiling, or hours later at its first checkpoint; nothing is created here."""
-  if '://' in path:
-    return  # a bucket (gs://...): its storage library tells its own errors
+  created or written: a file, a path under a file, one in a directory without write permission,
+  or a mistyped URL (``gs:/bucket``: a local directory "gs:"). Checked before any work starts, so
+  that a run does not end in an ``OSError`` after compiling, or hours later at its first
+  checkpoint; nothing is created here.
+
+  A URL (``gs://bucket/run``) is checked as far as it can be without touching the storage: its
+  scheme is one the program writes to and its storage library is installed
+  (``storage.check_url``); credentials and the bucket are that library's to tell."""
+  if not storage.is_local(path):
+    storage.check_url(path, flag)
+    return
+  storage.check_local(path, flag)
   target = os.path.abspath(path)
   existing = target
   while not os.path.lexists(existing):

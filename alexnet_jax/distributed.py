@@ -7,7 +7,7 @@ Which launcher started the processes decides how they find each other:
 * ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (``launch/
   local_multiprocess.sh``, or any launcher of your own): used as given.
 * SLURM (``launch/slurm_gpu.sh``): JAX reads the job's variables itself. The GPUs each process
-  drives follow from the tasks per node and the GPUs visible to each task, see ``slurm_local_devices``.
+  drives follow from the tasks per node and the GPUs each task sees (``slurm_local_devices``).
 * TPU VMs (``launch/tpu_pod.sh`` sets ``ALEXNET_JAX_DISTRIBUTED=auto``): ``jax.distributed
   .initialize()`` without arguments, as JAX recommends there; it asks the TPU metadata server.
 * Open MPI (``OMPI_COMM_WORLD_SIZE`` > 1): detected by JAX itself.
@@ -20,7 +20,6 @@ import re
 from collections.abc import Mapping
 
 import jax
-from absl import logging
 
 from alexnet_jax.errors import MeshError
 

@@ -18,7 +18,9 @@ from absl import app, flags
 from alexnet_jax import cli, distributed, preemption, train
 from alexnet_jax.visualize import snapshots
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints, metrics and plots: a local path, or a gs:// URL '
+    "(needs the gcs extra: pip install 'alexnet_jax[gcs]').")
 cli.define_config_flag()
 cli.define_huge_pages_flag()
 

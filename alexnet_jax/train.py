@@ -128,7 +128,8 @@ def train_and_evaluate(config, workdir: str, hooks: Sequence[Hook] = ()) -> dict
   logging.info('mesh %s, %s parameters, %d steps per epoch, %d steps', dict(mesh.shape),
                f'{prog.param_count:,}', steps_per_epoch, total_steps)
 
-  os.makedirs(workdir, exist_ok=True)
+  # The workdir, a local path or a gs:// URL (alexnet_jax.storage), is created where it is local
+  # by what writes into it: the checkpoint manager (with its parents) and the metric writer.
   manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), config.checkpoint,
                                        steps_per_epoch)
   try:

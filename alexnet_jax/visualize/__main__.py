@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from alexnet_jax import cli, distributed
+from alexnet_jax import cli, distributed, storage
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.visualize import commands
 
@@ -17,8 +17,12 @@ from alexnet_jax.visualize import commands
 def _define_flags():
   cli.define_tool_flags()
   cli.define_huge_pages_flag()
-  flags.DEFINE_string('checkpoint', None, 'The training --workdir (or its checkpoints/ folder).')
-  flags.DEFINE_string('out', None, 'Output folder for the figures, arrays and index.html.')
+  flags.DEFINE_string(
+      'checkpoint', None, 'The training --workdir (or its checkpoints/ folder); '
+      'a local path or a gs:// URL.')
+  flags.DEFINE_string(
+      'out', None, 'Output folder for the figures, arrays and index.html; a '
+      'local path or a gs:// URL.')
   flags.DEFINE_string(
       'images', None, "'dataset' (the config's evaluation split; default), "
       "'skimage' (scikit-image's photographs) or comma-separated files / folders.")
@@ -86,6 +90,8 @@ def main(argv):
                              occluder_size=f.occluder_size, occluder_stride=f.occluder_stride,
                              parts=parse_parts(f.parts), random_draws=f.random_draws, seed=f.seed)
   cli.writable_directory(f.out, '--out')
+  if not storage.is_local(f.checkpoint):
+    storage.check_url(f.checkpoint, '--checkpoint')
   distributed.initialize(config)
   cli.quiet_orbax_info()
   written = commands.run(argv[1], config, f.checkpoint, options, f.out)

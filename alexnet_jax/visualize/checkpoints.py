@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from alexnet_jax import checkpointing
+from alexnet_jax import checkpointing, storage
 from alexnet_jax import program as program_lib
 from alexnet_jax.data import catalog, statistics
 from alexnet_jax.errors import CheckpointError, ConfigError
@@ -39,11 +39,13 @@ def training_mean_image(config) -> np.ndarray | None:
 
 
 def checkpoint_directory(path: str) -> str:
-  """A training workdir or its ``checkpoints`` folder → the folder holding the step directories."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
+  """A training workdir or its ``checkpoints`` folder, local or a URL (``storage``) → the folder
+  holding the step directories."""
+  if storage.is_local(path):
+    path = os.path.abspath(os.path.expanduser(path))
+  if storage.path(os.path.join(path, 'checkpoints')).is_dir():
     path = os.path.join(path, 'checkpoints')
-  if not os.path.isdir(path):
+  if not storage.path(path).is_dir():
     raise CheckpointError(f'no checkpoint directory at {path}: pass --checkpoint=the '
                           'training --workdir (or its checkpoints/ folder)')
   return path
@@ -64,7 +66,7 @@ def _manager(config, path: str):
   logger = pylogging.getLogger('absl')
   logger.addFilter(notice)
   try:
-    return ocp.CheckpointManager(checkpoint_directory(path), options=options,
+    return ocp.CheckpointManager(storage.path(checkpoint_directory(path)), options=options,
                                  item_names=('state', 'data', 'meta'))
   finally:
     logger.removeFilter(notice)

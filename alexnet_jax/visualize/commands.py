@@ -6,6 +6,7 @@ Each ``run_<analysis>(config, checkpoint, options, out_dir)`` returns the figure
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 
@@ -13,6 +14,7 @@ import matplotlib
 import numpy as np
 from matplotlib import patches
 
+from alexnet_jax import storage
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.visualize import analyses, render
 from alexnet_jax.visualize.checkpoints import checkpoint_steps, load_network
@@ -49,7 +51,9 @@ def _images(net_config, options: Options, analysis: str) -> Images:
 
 
 def _npz(out_dir: str, name: str, **arrays) -> str:
-  np.savez_compressed(os.path.join(out_dir, name), **arrays)
+  buffer = io.BytesIO()  # numpy writes local files or file objects, not epath paths
+  np.savez_compressed(buffer, **arrays)
+  storage.write_bytes(os.path.join(out_dir, name), buffer.getvalue())
   return name
 
 
@@ -66,7 +70,7 @@ def run(analysis: str, config, checkpoint: str, options: Options, out_dir: str,
   functions = functions or CompiledFunctions()
   if analysis not in ANALYSES:
     raise ConfigError(f'unknown analysis {analysis!r}; choose one of {", ".join(ANALYSES)}')
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   if analysis == 'evolution':
     return run_evolution(config, checkpoint, options, out_dir, functions)
   net = load_network(config, checkpoint, options.step, functions=functions)
@@ -336,12 +340,12 @@ def run_correspondence(net: Network, options: Options, out_dir: str) -> list[str
     lines.append(f'| {part} | ' + ' | '.join(
         f'{row[l]["part"]:.4f} | {row[l]["random_mean"]:.4f} ± {row[l]["random_std"]:.4f}'
         for l in layers) + ' |')
-  with open(os.path.join(out_dir, 'correspondence.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  with open(os.path.join(out_dir, 'correspondence.json'), 'w') as f:
-    json.dump(
-        dict(images=images.names, parts={k: np.asarray(v).tolist() for k, v in parts.items()},
-             table=table), f, indent=1)
+  storage.write_text(os.path.join(out_dir, 'correspondence.md'), '\n'.join(lines) + '\n')
+  storage.write_text(
+      os.path.join(out_dir, 'correspondence.json'),
+      json.dumps(
+          dict(images=images.names, parts={k: np.asarray(v).tolist() for k, v in parts.items()},
+               table=table), indent=1))
   fig, axes = render.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.5), squeeze=False)
   for ax, layer in zip(axes[0], layers):
     x = np.arange(len(table))

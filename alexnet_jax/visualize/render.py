@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import io
 import json
 import os
 
@@ -10,6 +11,8 @@ import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 from PIL import Image
+
+from alexnet_jax import storage
 
 MANIFEST = 'index.json'
 GREY = 128
@@ -20,8 +23,10 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray) -> str:
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  Image.fromarray(to_uint8(image)).save(path)
+  """Writes ``image`` as a PNG file at ``path``, local or a URL (``storage``)."""
+  buffer = io.BytesIO()  # PIL and matplotlib write local files or file objects, not epath paths
+  Image.fromarray(to_uint8(image)).save(buffer, format='PNG')
+  storage.write_bytes(path, buffer.getvalue())
   return path
 
 
@@ -98,8 +103,10 @@ def colorbar(fig, mappable, ax):
 
 
 def save_figure(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=100)
+  """Writes ``fig`` as a PNG file at ``path``, local or a URL (``storage``)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
+  storage.write_bytes(path, buffer.getvalue())
   return path
 
 
@@ -111,14 +118,11 @@ def record(out_dir: str, analysis: str, figures: list[tuple[str, str]], data: li
   analysis's earlier entries) and rewrites index.html; returns its path."""
   path = os.path.join(out_dir, MANIFEST)
   entries = []
-  if os.path.exists(path):
-    with open(path) as f:
-      entries = [e for e in json.load(f) if e['analysis'] != analysis]
+  if storage.path(path).exists():
+    entries = [e for e in json.loads(storage.read_text(path)) if e['analysis'] != analysis]
   entries.append(
       dict(analysis=analysis, figures=[dict(file=f, caption=c) for f, c in figures], data=data))
-  with open(path + '.tmp', 'w') as f:
-    json.dump(entries, f, indent=1)
-  os.replace(path + '.tmp', path)
+  storage.write_text(path, json.dumps(entries, indent=1), atomic=True)
   return write_index(out_dir, entries)
 
 
@@ -141,6 +145,5 @@ def write_index(out_dir: str, entries: list[dict]) -> str:
       parts.append(f'<p>Arrays: {links}</p>')
   parts.append('</body></html>')
   path = os.path.join(out_dir, 'index.html')
-  with open(path, 'w') as f:
-    f.write('\n'.join(parts))
+  storage.write_text(path, '\n'.join(parts))
   return path
