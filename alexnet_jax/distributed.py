@@ -64,44 +64,51 @@ def _tasks_per_node(env: Mapping[str, str]) -> int:
   for part in spec.split(','):
     m = re.fullmatch(r'(\d+)(?:\(x(\d+)\))?', part.strip())
     if not m:
-      raise ValueError(f'cannot read SLURM_TASKS_PER_NODE={spec!r}')
+      raise MeshError(f'cannot read the tasks per node SLURM gives ({spec!r}); launch one task per '
+                      'node or one per GPU with --ntasks-per-node')
     counts += [int(m.group(1))] * int(m.group(2) or 1)
   return counts[min(node, len(counts) - 1)]
 
 
 def _visible_gpus(env: Mapping[str, str]) -> int | None:
-  """GPUs this task may use: CUDA_VISIBLE_DEVICES (SLURM sets it from the allocation), else
-  SLURM_GPUS_ON_NODE; None where neither says (no GPU job, e.g. a CPU rehearsal)."""
+  """GPUs this task sees: CUDA_VISIBLE_DEVICES (SLURM sets it from the allocation); None where it
+  does not say (no GPU job, e.g. a CPU rehearsal, or GPUs SLURM does not manage)."""
   visible = env.get('CUDA_VISIBLE_DEVICES')
-  if visible is not None and visible.strip() not in ('', 'NoDevFiles'):
-    return len([d for d in visible.split(',') if d.strip()])
-  if env.get('SLURM_GPUS_ON_NODE', '').isdigit():
-    return int(env['SLURM_GPUS_ON_NODE'])
-  return None
+  if visible is None or visible.strip() in ('', 'NoDevFiles'):
+    return None
+  return len([d for d in visible.split(',') if d.strip()])
+
+
+def _node_gpus(env: Mapping[str, str]) -> int | None:
+  count = env.get('SLURM_GPUS_ON_NODE', '')
+  return int(count) if count.isdigit() and int(count) > 0 else None
 
 
 def slurm_local_devices(env: Mapping[str, str]) -> list[int] | None:
   """The local device ids a SLURM task drives, for ``jax.distributed.initialize``.
 
-  Two layouts are supported, and both use every GPU: one task per node driving all of the node's
-  GPUs (``launch/slurm_gpu.sh``'s default), and one task per GPU (``--ntasks-per-node`` = GPUs per
-  node; each task drives GPU ``SLURM_LOCALID``, or its only GPU where SLURM binds one per task).
-  Left to itself, JAX would give every task only GPU ``SLURM_LOCALID``: on a node with 8 GPUs and
-  one task, GPU 0 alone. Anything else leaves GPUs idle and is refused. None: no GPUs named (JAX's
-  own choice stands)."""
-  gpus = _visible_gpus(env)
-  if gpus is None:
+  Every layout that uses each GPU once is taken: one task per node driving all of the node's GPUs
+  (``launch/slurm_gpu.sh``'s default); one task per GPU (``--ntasks-per-node`` = GPUs per node;
+  each task drives GPU ``SLURM_LOCALID`` of those it sees); and tasks bound to GPUs of their own
+  (``--gpus-per-task``: each drives all it sees). Left to itself, JAX would give every task only
+  GPU ``SLURM_LOCALID``: on a node with 8 GPUs and one task, GPU 0 alone. A layout that would share
+  GPUs or leave some idle is refused. None: no GPUs named (JAX's own choice stands)."""
+  visible, on_node = _visible_gpus(env), _node_gpus(env)
+  if visible is None and on_node is None:
     return None
   tasks = _tasks_per_node(env)
+  seen = visible if visible is not None else on_node
   if tasks == 1:
-    return list(range(gpus))
-  if gpus == 1:
-    return [0]
-  if gpus == tasks:
+    return list(range(seen))
+  if visible is not None and on_node is not None and visible * tasks == on_node:
+    return list(range(visible))  # each task bound to its own GPUs
+  if seen == tasks:
     return [int(env.get('SLURM_LOCALID', '0'))]
-  raise MeshError(f'SLURM runs {tasks} tasks on this node and each sees {gpus} GPUs, so GPUs would '
+  if visible == 1 and on_node is None:
+    return [0]  # bound to one GPU each, as far as can be told
+  raise MeshError(f'SLURM runs {tasks} tasks on this node and each sees {seen} GPUs, so GPUs would '
                   f'be shared or left idle: use --ntasks-per-node=1 (one process drives all '
-                  f'{gpus} GPUs) or --ntasks-per-node={gpus} (one process per GPU)')
+                  f'{seen} GPUs) or --ntasks-per-node={seen} (one process per GPU)')
 
 
 def initialize(config) -> None:
@@ -112,9 +119,11 @@ def initialize(config) -> None:
   if not multi_host_environment(env):
     return
   if 'JAX_COORDINATOR_ADDRESS' in env:
+    # Where only the address is given (say, pinned inside a SLURM job), JAX finds the rest.
+    count, index = env.get('JAX_NUM_PROCESSES'), env.get('JAX_PROCESS_ID')
     jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
-                               num_processes=int(env['JAX_NUM_PROCESSES']),
-                               process_id=int(env['JAX_PROCESS_ID']))
+                               num_processes=int(count) if count else None,
+                               process_id=int(index) if index else None)
   elif _slurm_job(env):
     jax.distributed.initialize(local_device_ids=slurm_local_devices(env))
   else:

@@ -223,9 +223,17 @@ def _train(config, workdir, hooks, data, prog, manager, steps_per_epoch: int,
             save(epoch)
           checkpointing.wait(manager)
           raise preemption.Preempted(step, stop.signal_name)
-  finally:
-    train_iter.close()  # its worker processes and their shared-memory buffers
-    writer.close()
+  except BaseException:
+    # What ended the run (a stop, a divergence, a bug) is what it reports: an upload of the
+    # metrics that fails on the way out is logged (the writer keeps them), not raised over it.
+    train_iter.close()
+    try:
+      writer.close()
+    except Exception:  # noqa: BLE001
+      logging.exception('the metrics could not be written on the way out')
+    raise
+  train_iter.close()  # its worker processes and their shared-memory buffers
+  writer.close()
   if not val:
     val = evaluate(prog, state, eval_ds)
   if jax.process_index() == 0:

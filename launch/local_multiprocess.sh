@@ -15,7 +15,7 @@ PORT=${PORT:-$("${PYTHON:-python}" -c 'import socket; s = socket.socket(); s.bin
 pids=()
 for ((i = 0; i < N; i++)); do
   # exec: $! is the process itself (no shell in between), so signals reach it.
-  (exec env JAX_COORDINATOR_ADDRESS=127.0.0.1:$PORT JAX_NUM_PROCESSES=$N JAX_PROCESS_ID=$i \
+  (exec env JAX_COORDINATOR_ADDRESS="127.0.0.1:$PORT" JAX_NUM_PROCESSES="$N" JAX_PROCESS_ID="$i" \
     JAX_PLATFORMS=cpu "${PYTHON:-python}" -m alexnet_jax.main --config="$CONFIG" \
     --workdir="$WORKDIR" --config.mesh.data=-1 "$@") &
   pids+=($!)
@@ -32,7 +32,11 @@ for pid in "${pids[@]}"; do running[$pid]=1; done
 status=0
 while ((${#running[@]})); do
   rc=0
+  unset finished
   wait -n -p finished "${!running[@]}" || rc=$?
+  # A signal to this script (trapped above) interrupts the wait, with no process finished: the
+  # processes got the signal too and are saving; wait for them.
+  if [[ -z ${finished:-} ]]; then continue; fi
   unset "running[$finished]"
   if [[ $rc -ne 0 && $status -eq 0 ]]; then
     status=$rc

@@ -27,11 +27,15 @@ WORKDIR=${2:?workdir (shared by all nodes)}
 shift 2
 # jax.distributed.initialize() reads SLURM's variables (coordinator, process count and id) itself;
 # alexnet_jax.distributed.slurm_local_devices chooses the GPUs of each process.
+# On preemption SLURM signals this shell too: it must live on to see srun's status and requeue.
+# (A handler, not SIG_IGN, which srun would inherit.)
+trap 'echo "slurm_gpu.sh: SIGTERM: the tasks save a checkpoint and stop" >&2' TERM
 status=0
 srun "${PYTHON:-python}" -m alexnet_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@" ||
   status=$?
 if [[ $status -eq 75 && -n ${SLURM_JOB_ID:-} ]]; then  # 75: stopped by a signal, checkpoint saved
   echo "slurm_gpu.sh: stopped with a checkpoint saved; requeueing job $SLURM_JOB_ID" >&2
-  scontrol requeue "$SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" ||
+    echo "slurm_gpu.sh: scontrol requeue failed (SLURM may have requeued the job itself); resubmit to resume" >&2
 fi
 exit "$status"

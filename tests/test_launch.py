@@ -210,6 +210,28 @@ def test_a_layout_that_would_leave_gpus_idle_is_refused_naming_both_fixes():
   assert '--ntasks-per-node=1' in message and '--ntasks-per-node=8' in message
 
 
+def test_tasks_bound_to_gpus_of_their_own_drive_all_they_see():
+  """--gpus-per-task=2 on a node of 8: each of the 4 tasks sees its own 2 GPUs."""
+  env = _slurm(16, '4(x4)', 3, CUDA_VISIBLE_DEVICES='6,7', SLURM_GPUS_ON_NODE='8')
+  assert distributed.slurm_local_devices(env) == [0, 1]
+
+
+def test_two_tasks_sharing_one_gpu_are_refused():
+  env = _slurm(2, '2', 1, CUDA_VISIBLE_DEVICES='0', SLURM_GPUS_ON_NODE='1')
+  with pytest.raises(MeshError, match='shared or left idle'):
+    distributed.slurm_local_devices(env)
+
+
+def test_a_cpu_job_with_no_gpus_on_its_nodes_leaves_the_choice_to_jax():
+  assert distributed.slurm_local_devices(_slurm(4, '2(x2)', 1, SLURM_GPUS_ON_NODE='0')) is None
+
+
+def test_unreadable_tasks_per_node_is_one_line():
+  env = dict(SLURM_NTASKS='4', SLURM_TASKS_PER_NODE='two', SLURM_NODEID='0')
+  with pytest.raises(MeshError, match='--ntasks-per-node'):
+    distributed._tasks_per_node(env)
+
+
 @pytest.mark.parametrize('spec,node,tasks', [('8(x4)', 3, 8), ('2,1', 0, 2), ('2,1', 1, 1),
                                              ('2(x2),1', 1, 2), ('2(x2),1', 2, 1), ('4', 0, 4)])
 def test_tasks_per_node_reads_slurms_forms(spec, node, tasks):

@@ -3,6 +3,7 @@ loopback, each with its own emulated CPU devices."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -63,18 +64,44 @@ def rehearsal(tmp_path_factory):
 
 
 def test_the_rehearsal_trains_and_resumes_on_every_process(rehearsal, tmp_path):
+  """Resumed from the first epoch's checkpoint, stopped by SIGTERM to the script mid-epoch (every
+  process saves the same step and the script exits 75), and resumed again to the end."""
   root, first = rehearsal
   assert 'mesh 2x2 (data x model) over 4 devices' in first.stderr
   for p in range(2):
     assert f'process {p} of 2: 2 local cpu device(s)' in first.stderr
   workdir = tmp_path / 'work'
   shutil.copytree(root / 'work', workdir)
-  second = _launch(root, workdir, '--config.num_epochs=2')
-  assert second.returncode == 0, second.stderr[-3000:]
-  finals = [l for l in second.stdout.splitlines() if l.startswith('final validation')]
+  stopped = subprocess.Popen(
+      ['bash', SCRIPT, '2', 'configs/demo.py',
+       str(workdir), *TINY, '--config.num_epochs=100'], cwd=REPO, env=_env(root / 'data'),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    seen = []
+    while sum('step 6/' in l for l in seen) < 2:  # both processes are past the checkpoint
+      line = stopped.stderr.readline()
+      if not line:
+        pytest.fail('the resumed run ended early:\n' + ''.join(seen[-30:]))
+      seen.append(line)
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=120)
+  finally:
+    if stopped.poll() is None:
+      for pid in _training_processes(stopped.pid):
+        os.kill(pid, signal.SIGKILL)
+      stopped.kill()
+  err = ''.join(seen) + err
+  assert stopped.returncode == 75, err[-3000:]
+  assert err.count('restored checkpoint at step 4') == 2
+  saved = re.findall(r'stopped by SIGTERM: checkpoint saved at step (\d+)', err)
+  assert len(saved) == 2 and saved[0] == saved[1] and int(saved[0]) >= 6, err[-3000:]
+  epochs = int(saved[0]) // 4 + 1
+  last = _launch(root, workdir, f'--config.num_epochs={epochs}')
+  assert last.returncode == 0, last.stderr[-3000:]
+  finals = [l for l in last.stdout.splitlines() if l.startswith('final validation')]
   assert len(finals) == 2 and finals[0] == finals[1]  # both processes, one result
-  assert second.stderr.count('restored checkpoint at step 4') == 2
-  assert sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit()) == [4, 8]
+  assert last.stderr.count(f'restored checkpoint at step {saved[0]}') == 2
+  assert 4 * epochs in [int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit()]
 
 
 def _history(workdir):

@@ -42,6 +42,7 @@ from tensorboardX.record_writer import masked_crc32c
 
 from alexnet_jax import checkpointing, cli, host, metrics, storage
 from alexnet_jax.configs import base_config
+from alexnet_jax.data import statistics
 from alexnet_jax.errors import DirectoryError
 from alexnet_jax.visualize import checkpoints as visualize_checkpoints
 from alexnet_jax.visualize import commands, render
@@ -562,3 +563,25 @@ def test_a_gs_workdir_without_the_extra_fails_in_one_line(tmp_path):
       "'.[gcs]')"
   ], proc.stderr[-3000:]
   assert os.listdir(tmp_path) == []  # no local "gs:" directory
+
+
+def test_statistics_of_a_gs_data_set_are_stored_beside_it_once(gcs, monkeypatch):
+  """A TFDS set read from gs:// (data_dir=gs://...) gets its mean image and RGB PCA computed once
+  and stored on the bucket: a restart loads them instead of another pass over the set."""
+  location = 'gs://bkt/tfds/shapes/1.0.0'
+  source = types.SimpleNamespace(info=types.SimpleNamespace(location=location))
+  path = statistics.path_for(source)
+  assert path == f'{location}/alexnet_jax_{statistics.FILENAME}'
+  stats = statistics.neutral(8, (120.0, 110.0, 100.0), (60.0, 50.0, 40.0))
+  passes = []
+  monkeypatch.setattr(statistics, 'compute', lambda *a, **k: passes.append(1) or stats)
+  first = statistics.ensure(source, 8, progress=False)
+  assert gcs.names('bkt/tfds/shapes/1.0.0/') == [
+      f'bkt/tfds/shapes/1.0.0/alexnet_jax_'
+      f'{statistics.FILENAME}'
+  ]
+  again = statistics.ensure(source, 8, progress=False)
+  assert passes == [1]  # the second start loaded them
+  for a, b in ((first, stats), (again, stats)):
+    np.testing.assert_array_equal(a.mean_image, b.mean_image)
+    np.testing.assert_array_equal(a.eigvecs, b.eigvecs)

@@ -15,6 +15,7 @@ Stored beside the data set as ``statistics.npz`` (see `path_for`).
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 
 import grain
@@ -22,6 +23,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from alexnet_jax import storage
 from alexnet_jax.data import augment, pipeline
 
 FILENAME = 'statistics.npz'
@@ -106,15 +108,25 @@ def neutral(size: int, mean_rgb, std_rgb) -> Statistics:
 
 
 def save(stats: Statistics, path: str) -> None:
-  """Writes atomically (a reader never sees half a file)."""
-  tmp = f'{path}.tmp-{os.getpid()}'
+  """Writes atomically (a reader never sees half a file), locally or to a ``gs://`` data set
+  (``storage``; an object upload is atomic)."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **dataclasses.asdict(stats))
+  if not storage.is_local(path):
+    storage.write_bytes(path, buffer.getvalue())
+    return
+  tmp = f'{path}.tmp-{os.getpid()}'  # per process: every host of a run may store them at once
   with open(tmp, 'wb') as f:
-    np.savez(f, **dataclasses.asdict(stats))
+    f.write(buffer.getvalue())
   os.replace(tmp, path)
 
 
+def exists(path: str) -> bool:
+  return storage.path(path).is_file()
+
+
 def load(path: str) -> Statistics:
-  with np.load(path) as z:
+  with np.load(io.BytesIO(storage.path(path).read_bytes())) as z:
     return Statistics(mean_image=z['mean_image'], rgb_mean=z['rgb_mean'], rgb_cov=z['rgb_cov'],
                       eigvals=z['eigvals'], eigvecs=z['eigvecs'], num_images=int(z['num_images']))
 
@@ -122,8 +134,8 @@ def load(path: str) -> Statistics:
 def path_for(source) -> str:
   """Where a source's statistics live: ``statistics.npz`` in its directory (prepared and built-in
   sets), or ``alexnet_jax_statistics.npz`` in a TFDS set's directory."""
-  location = source.info.location
-  if os.path.isfile(os.path.join(location, 'metadata.json')):
+  location = str(source.info.location)
+  if exists(os.path.join(location, 'metadata.json')):
     return os.path.join(location, FILENAME)
   return os.path.join(location, 'alexnet_jax_' + FILENAME)
 
@@ -157,7 +169,7 @@ def compute(source, size: int, *, progress: bool = True, workers: int = 0) -> St
 def ensure(source, size: int, *, progress: bool = True, workers: int = 0) -> Statistics:
   """The source's statistics at ``size``, computed and stored on first use."""
   path = path_for(source)
-  if os.path.isfile(path):
+  if exists(path):
     stats = load(path)
     if stats.size == size:
       return stats

@@ -29,7 +29,7 @@ def training_mean_image(config) -> np.ndarray | None:
   source = catalog.open_source(config.dataset, config.dataset.train_split,
                                min_side=config.input.resize_to)
   path = statistics.path_for(source)
-  if not os.path.exists(path):
+  if not statistics.exists(path):
     raise ConfigError(
         f"the network was trained on images minus the training set's mean image "
         f'(config.input.mean_image=True), but {path} does not exist: train on this data '
