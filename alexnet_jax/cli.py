@@ -107,7 +107,10 @@ def _parse_flags(argv):
 
 
 def _report(message: str):
-  print(f'error: {message}', file=sys.stderr)
+  # One write of the whole line: the processes of a multi-host run share a terminal, and a
+  # print's separate write of the newline lets their lines run into each other.
+  sys.stderr.write(f'error: {message}\n')
+  sys.stderr.flush()
   sys.exit(2)
 
 
