@@ -86,10 +86,7 @@ def test_the_rehearsal_trains_and_resumes_on_every_process(rehearsal, tmp_path):
     stopped.send_signal(signal.SIGTERM)
     _, err = stopped.communicate(timeout=120)
   finally:
-    if stopped.poll() is None:
-      for pid in _training_processes(stopped.pid):
-        os.kill(pid, signal.SIGKILL)
-      stopped.kill()
+    _kill_if_running(stopped)
   err = ''.join(seen) + err
   assert stopped.returncode == 75, err[-3000:]
   assert err.count('restored checkpoint at step 4') == 2
@@ -165,6 +162,14 @@ def test_a_mesh_leaving_out_a_process_is_refused_on_every_process(tmp_path):
   assert 'Traceback' not in proc.stderr
 
 
+def _kill_if_running(launch):
+  """A launch a test leaves running (it failed midway) ends with its training processes."""
+  if launch.poll() is None:
+    for pid in _training_processes(launch.pid):
+      os.kill(pid, signal.SIGKILL)
+    launch.kill()
+
+
 def _training_processes(pid):
   """The ``alexnet_jax.main`` processes among ``pid``'s descendants."""
   out = subprocess.run(['ps', '-eo', 'pid=,ppid=,args='], capture_output=True, text=True).stdout
@@ -201,10 +206,7 @@ def test_a_process_that_dies_ends_the_others(tmp_path):
     start = time.time()
     _, err = proc.communicate(timeout=60)
   finally:
-    if proc.poll() is None:
-      for pid in _training_processes(proc.pid):
-        os.kill(pid, signal.SIGKILL)
-      proc.kill()
+    _kill_if_running(proc)
   assert proc.returncode == 128 + signal.SIGKILL and time.time() - start < 30, err[-3000:]
   assert f'process {workers[1]} exited with status {128 + signal.SIGKILL}' in err
   time.sleep(11)  # the survivor gets SIGTERM, then SIGKILL 10 s later
