@@ -12,16 +12,61 @@ import re
 import runpy
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import configs, host, storage
+from alexnet_jax import configs, host, storage, trained
 from alexnet_jax.errors import ConfigError, DirectoryError, UserError
 
 
 def define_config_flag() -> None:
   """``--config``, locked: an override naming a field the config lacks is refused."""
   config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+
+
+def define_config_flag_from_checkpoint(argv=None, checkpoint_flag: str = 'checkpoint') -> None:
+  """``--config`` for the commands that use a trained network: without ``--config``, the config
+  stored with the checkpoint named by ``--<checkpoint_flag>`` (the first of a comma-separated
+  list), so that ``--config.field=value`` overrides apply to it; with ``--config``, that file.
+  Looks at the command line before absl parses it, which is what a flag's default needs."""
+  argv = sys.argv if argv is None else argv
+  if _argument(argv, 'config') is None:
+    path = _argument(argv, checkpoint_flag)
+    values = trained.peek_config(path.split(',')[0]) if path else None
+    if values is not None:
+      try:
+        config = configs.from_dict(values)
+      except ConfigError:
+        config = None  # reported by trained.config_for when the command asks for it
+      if config is not None:
+        config_flags.DEFINE_config_dict(
+            'config', config, 'Config (default: the one stored with the checkpoint); '
+            '--config.field=value overrides a field.', lock_config=True)
+        return
+  define_config_flag()
+
+
+def config_from_checkpoint() -> bool:
+  """Whether ``--config`` holds a checkpoint's stored config (not a file the user named)."""
+  return 'config' in flags.FLAGS and isinstance(flags.FLAGS['config'].default,
+                                                ml_collections.ConfigDict)
+
+
+def override_values() -> dict:
+  """The ``--config.field=value`` overrides given, by dotted field path."""
+  return dict(config_flags.get_override_values(flags.FLAGS['config']))
+
+
+def _argument(argv, name: str) -> str | None:
+  """The value of ``--name=value`` or ``--name value`` in ``argv`` (the last one given)."""
+  value = None
+  for i, arg in enumerate(argv):
+    if re.match(rf'^--?{name}=', arg):
+      value = arg.split('=', 1)[1]
+    elif re.match(rf'^--?{name}$', arg) and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
 
 
 def define_tool_flags(json_help: str = 'Print JSON instead of a table.') -> None:
@@ -87,7 +132,7 @@ def _parse_flags(argv):
   a value of the wrong type or out of a flag's bounds). A config file that fails in any other way
   keeps its traceback: that is a bug, in the file or in our code."""
   try:
-    if 'config' in flags.FLAGS:
+    if 'config' in flags.FLAGS and not config_from_checkpoint():
       check_config_argument(flags.FLAGS.read_flags_from_files(argv, force_gnu=False))
     return flags.FLAGS(argv)
   except UserError as e:

@@ -133,6 +133,48 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def to_dict(config) -> dict:
+  """``config`` as plain JSON values (tuples become lists): what a checkpoint stores of the run
+  that wrote it (``from_dict`` reads it back)."""
+  return _plain(config.to_dict())
+
+
+def _plain(value):
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+  """The config ``to_dict`` wrote, rebuilt on ``base_config()`` (and the named model's spec), so
+  its fields have their types (tuples, optional strings) and a field added since it was written
+  takes its default. A field it names that no longer exists is refused (``ConfigError``)."""
+  config = base_config()
+  model = dict(values.get('model', {}))
+  config.model = model_config(model.pop('name', 'alexnet'))
+  _fill(config, {k: v for k, v in values.items() if k != 'model'}, 'config')
+  _fill(config.model, model, 'config.model')
+  return config
+
+
+def _fill(section: ml_collections.ConfigDict, values: dict, path: str) -> None:
+  for key, value in values.items():
+    if key not in section:
+      raise ConfigError(f'the stored config names {path}.{key}, which is not a config field '
+                        '(written by another version?): pass --config=the config file it was '
+                        'trained with')
+    current = section[key]
+    if isinstance(current, ml_collections.ConfigDict):
+      _fill(current, value, f'{path}.{key}')
+    elif isinstance(current, tuple) and isinstance(value, list):
+      section[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    else:
+      with section.ignore_type():
+        section[key] = value
+
+
 def check_fields(config) -> None:
   """Refuses (``ConfigError``, one line) a config naming a field that ``base_config`` does not
   have, or lacking one that it has, or with a value out of range (``check_values``).

@@ -172,8 +172,10 @@ def _train(config, workdir, hooks, data, prog, manager, steps_per_epoch: int,
   data_position = _data_identity(config, len(data.train_source))
 
   def save(epoch: float, metrics=None) -> None:
+    # The config goes with every checkpoint: the commands that use a trained network
+    # (evaluate, features, transfer, visualize) read it instead of asking for the training flags.
     meta = dict(epoch=epoch, step=step, plateau=plateau.state_dict(), val=val,
-                data=dict(data_position, position=step))
+                data=dict(data_position, position=step), config=configs.to_dict(config))
     try:
       checkpointing.save(manager, step, state, meta, metrics=metrics)
     except checkpointing.NonFiniteState as e:

@@ -40,7 +40,7 @@ from PIL import Image
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from alexnet_jax import checkpointing, cli, host, metrics, storage
+from alexnet_jax import checkpointing, cli, host, metrics, storage, trained
 from alexnet_jax.configs import base_config
 from alexnet_jax.data import statistics
 from alexnet_jax.errors import DirectoryError
@@ -513,7 +513,7 @@ def test_checkpoints_on_gs_go_through_tensorstore_and_back(gcs):
   assert 'bkt/run/damaged_checkpoints/3/meta/metadata' in moved and len(moved) > 5
 
   # What the visualisations read.
-  assert visualize_checkpoints.checkpoint_directory('gs://bkt/run') == 'gs://bkt/run/checkpoints'
+  assert trained.checkpoint_directory('gs://bkt/run') == 'gs://bkt/run/checkpoints'
   assert visualize_checkpoints.checkpoint_steps(None, 'gs://bkt/run') == [2]
 
 

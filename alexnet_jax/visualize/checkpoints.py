@@ -5,18 +5,14 @@ restores), with the input normalisation training used.
 
 from __future__ import annotations
 
-import logging as pylogging
-import os
-
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from alexnet_jax import checkpointing, storage
+from alexnet_jax import checkpointing, trained
 from alexnet_jax import program as program_lib
 from alexnet_jax.data import catalog, statistics
-from alexnet_jax.errors import CheckpointError, ConfigError
+from alexnet_jax.errors import ConfigError
 from alexnet_jax.visualize.network import CompiledFunctions, Network
 
 
@@ -38,61 +34,18 @@ def training_mean_image(config) -> np.ndarray | None:
   return np.asarray(statistics.load(path).mean_image, np.float32)
 
 
-def checkpoint_directory(path: str) -> str:
-  """A training workdir or its ``checkpoints`` folder, local or a URL (``storage``) → the folder
-  holding the step directories."""
-  if storage.is_local(path):
-    path = os.path.abspath(os.path.expanduser(path))
-  if storage.path(os.path.join(path, 'checkpoints')).is_dir():
-    path = os.path.join(path, 'checkpoints')
-  if not storage.path(path).is_dir():
-    raise CheckpointError(f'no checkpoint directory at {path}: pass --checkpoint=the '
-                          'training --workdir (or its checkpoints/ folder)')
-  return path
-
-
-class _DropReadOnlyNotice(pylogging.Filter):
-  """Orbax warns 'Given directory is read only' whenever a read-only manager opens: here that is
-  the intent (the analyses never write into a training run), not news."""
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    return not str(record.msg).startswith('Given directory is read only')
-
-
-def _manager(config, path: str):
-  # save_interval_steps=0 says what read_only implies (else orbax warns that it changes it).
-  options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
-  notice = _DropReadOnlyNotice()
-  logger = pylogging.getLogger('absl')
-  logger.addFilter(notice)
-  try:
-    return ocp.CheckpointManager(storage.path(checkpoint_directory(path)), options=options,
-                                 item_names=('state', 'data', 'meta'))
-  finally:
-    logger.removeFilter(notice)
-
-
 def checkpoint_steps(config, path: str) -> list[int]:
-  with _manager(config, path) as manager:
-    steps = sorted(manager.all_steps())
-  if not steps:
-    raise CheckpointError(f'{checkpoint_directory(path)} holds no checkpoint: train '
-                          'first (python -m alexnet_jax.main --workdir=...)')
-  return steps
+  del config  # the steps are the checkpoint directory's
+  return trained.checkpoint_steps(path)
 
 
 def load_network(config, path: str, step: int | None = None, *,
                  functions: CompiledFunctions | None = None) -> Network:
   """The network of ``config`` with the parameters of checkpoint ``step`` (default: the latest).
   ``functions``: shared with the other networks of this session (default: its own)."""
-  steps = checkpoint_steps(config, path)
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise CheckpointError(f'no checkpoint at step {step} in {checkpoint_directory(path)}'
-                          f'; it holds steps {", ".join(map(str, steps))}')
+  step = trained.resolve_step(path, step)
   prog = program_lib.build_program(config, steps_per_epoch=1)
-  with _manager(config, path) as manager:
+  with trained.read_only_manager(path) as manager:
     restored = checkpointing.restore(manager, step, prog.abstract_state)
   return network_from_state(config, prog.graphdef, restored.state, step=step,
                             epoch=restored.meta.get('epoch'),
