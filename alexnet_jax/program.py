@@ -39,6 +39,9 @@ class Program:
   init_state: Callable[[], TrainState]
   train_step: Callable  # jitted, donates the state
   eval_step: Callable  # jitted
+  # The input normalisation the steps apply (steps.normalize's arguments: colours, dtype, and the
+  # mean image and PCA basis where config.input uses them), for other programs of this network.
+  norm: dict = dataclasses.field(default_factory=dict)
 
   def abstract_batch(self) -> dict:
     """A training batch of ``config.batch_size`` as ShapeDtypeStructs on the mesh (uint8 images,
@@ -150,4 +153,5 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
                  state_specs=state_specs, state_shardings=state_shardings,
                  abstract_state=abstract_state, init_state=jax.jit(init_fn,
                                                                    out_shardings=state_shardings),
-                 train_step=jax.jit(train, donate_argnums=0), eval_step=jax.jit(evaluate))
+                 train_step=jax.jit(train, donate_argnums=0), eval_step=jax.jit(evaluate),
+                 norm=norm)

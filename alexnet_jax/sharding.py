@@ -198,6 +198,9 @@ class MeshContext:
     return jax.random.fold_in(key, jax.lax.axis_index(self.model_axis))
 
 
-def shard_step(fn, mesh: jax.sharding.Mesh, in_specs, out_specs):
-  """Runs ``fn`` as one program per device of ``mesh``."""
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+def shard_step(fn, mesh: jax.sharding.Mesh, in_specs, out_specs, *, gathered: bool = False):
+  """Runs ``fn`` as one program per device of ``mesh``. ``gathered``: outputs replicated over the
+  model axis by ``MeshContext.gather`` (an all-gather, which JAX's replication check does not
+  count as making a value the same on every device of the axis, though it does)."""
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=not gathered)

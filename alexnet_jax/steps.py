@@ -132,7 +132,7 @@ def tower_split_view_average(logits: jax.Array, labels: jax.Array, ctx: MeshCont
   return -jnp.log(jnp.maximum(label_prob, jnp.finfo(jnp.float32).tiny)), rank
 
 
-def _normalize_batch(batch, norm: dict, dtype, *, train: bool) -> jax.Array:
+def normalize_batch(batch, norm: dict, dtype, *, train: bool) -> jax.Array:
   images = batch['image']
   return normalize(images, norm['mean_rgb'], norm['std_rgb'], dtype,
                    mean_image=norm.get('mean_image'), crop=batch.get('crop'),
@@ -151,7 +151,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ct
   norm = dict(mean_rgb=mean_rgb, std_rgb=std_rgb, mean_image=mean_image, pca_basis=pca_basis)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    images = _normalize_batch(batch, norm, compute_dtype, train=True)
+    images = normalize_batch(batch, norm, compute_dtype, train=True)
     labels = batch['label']
     global_batch = labels.shape[0] * jax.lax.axis_size(ctx.data_axis)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -208,7 +208,7 @@ def make_eval_step(graphdef: nnx.GraphDef, ctx: MeshContext, *, mean_rgb, std_rg
       batch = dict(batch, image=batch['image'].reshape(-1, *batch['image'].shape[2:]))
       if 'crop' in batch:
         batch['crop'] = batch['crop'].reshape(-1, 3)
-    images = _normalize_batch(batch, norm, compute_dtype, train=False)
+    images = normalize_batch(batch, norm, compute_dtype, train=False)
     mask = batch['mask'].astype(jnp.float32)
     model = nnx.merge(graphdef, params, batch_stats)
     logits = model(images, train=False, exchange=ctx, gather_logits=False).logits

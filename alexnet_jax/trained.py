@@ -65,11 +65,15 @@ def read_only_manager(path: str):
 
 
 def checkpoint_steps(path: str) -> list[int]:
-  with read_only_manager(path) as manager:
-    steps = sorted(manager.all_steps())
+  """The steps of the finished checkpoints of ``path`` (orbax writes each into a temporary
+  directory and renames it to its step when it is complete), read from the directory alone: no
+  orbax and no JAX backend, so the command line can use it before ``jax.distributed.initialize``.
+  """
+  root = storage.path(checkpoint_directory(path))
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
   if not steps:
-    raise CheckpointError(f'{checkpoint_directory(path)} holds no checkpoint: train '
-                          'first (python -m alexnet_jax.main --workdir=...)')
+    raise CheckpointError(f'{root} holds no checkpoint: train first (python -m '
+                          'alexnet_jax.main --workdir=...)')
   return steps
 
 
@@ -85,18 +89,19 @@ def resolve_step(path: str, step: int | None) -> int:
 
 
 def read_meta(path: str, step: int | None = None) -> dict:
-  """The ``meta`` item of checkpoint ``step`` (default: the latest): epoch, metrics, config."""
+  """The ``meta`` item of checkpoint ``step`` (default: the latest): epoch, metrics, config. Read
+  as the JSON file orbax writes for it (like ``checkpoint_steps``, without a JAX backend)."""
   step = resolve_step(path, step)
-  with read_only_manager(path) as manager:
-    try:
-      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    except Exception as e:  # orbax raises many types for unreadable files
-      raise CheckpointError(f'cannot read the checkpoint {checkpoint_directory(path)}/{step}: '
-                            f'{type(e).__name__}: {str(e).strip().splitlines()[0][:200]} — it is '
-                            'damaged; choose another --step, or restore it from a backup') from e
+  where = storage.path(checkpoint_directory(path)) / str(step)
+  try:
+    meta = json.loads((where / 'meta' / 'metadata').read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'cannot read the checkpoint {where}: its meta item is unreadable '
+                          f'({type(e).__name__}: {str(e).strip()[:200]}) — it is damaged; choose '
+                          'another --step, or restore it from a backup') from None
   if not isinstance(meta, dict):
-    raise CheckpointError(f'the checkpoint {checkpoint_directory(path)}/{step} is damaged: its '
-                          'meta item is not a JSON object')
+    raise CheckpointError(f'the checkpoint {where} is damaged: its meta item is not a JSON '
+                          'object')
   return meta
 
 
@@ -107,21 +112,14 @@ def stored_config(path: str, step: int | None = None):
 
 
 def peek_config(path: str) -> dict | None:
-  """The config values stored with the newest checkpoint of ``path``, read as the JSON file orbax
-  wrote (no orbax, no JAX backend: the command line is parsed with it before
-  ``jax.distributed.initialize``); None where there is none or it cannot be read (the command
-  then reports why, through ``config_for``)."""
+  """The config values stored with the newest checkpoint of ``path`` (the command line is
+  parsed with them before ``jax.distributed.initialize``); None where there are none or they
+  cannot be read (the command then reports why, through ``config_for``)."""
   try:
-    root = storage.path(checkpoint_directory(path))
-    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
-    for step in steps:
-      meta = root / str(step) / 'meta' / 'metadata'
-      if meta.exists():
-        values = json.loads(meta.read_text()).get('config')
-        return values if isinstance(values, dict) else None
-  except (OSError, ValueError, CheckpointError):
+    values = read_meta(path).get('config')
+  except CheckpointError:
     return None
-  return None
+  return values if isinstance(values, dict) else None
 
 
 def config_for(path: str, step: int | None = None, given=None):
