@@ -71,7 +71,14 @@ def base_config() -> ml_collections.ConfigDict:
           num_val=2000,
           image_size=112,
           seed=0,
-          max_bad_fraction=0.01))
+          max_bad_fraction=0.01,
+          # Part of the data set (data.catalog.open_source), for transfer learning: classes, the
+          # class indices to keep (() : all), relabelled 0..k-1 in the order given; subset_file,
+          # None or '' (whole splits) or a JSON file {"<split>": {"<split of the data set>":
+          # [record indices, ...], ...}, ...}: the split so named is those records, in that order
+          # (classes then apply to them). Both are checked against the data set when it is opened.
+          classes=(),
+          subset_file=ml_collections.FieldReference(None, field_type=str)))
 
   # The paper's input recipe (data.augment, steps.normalize): shorter side to 256 and the central
   # square (once at prepare time; at read time for TFDS sets), subtract the training set's mean
@@ -130,6 +137,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Every N epochs (0: never) write the first-layer filters and a few deconvnet projections to
   # <workdir>/visualize/ and TensorBoard, to watch the features form.
   c.visualize = ml_collections.ConfigDict(dict(every_epochs=0, images=4))
+  # Fine-tuning (alexnet_jax.warm_start): a run without checkpoints of its own starts from the
+  # weights of checkpoint `step` (None: the latest) of another run: `checkpoint`, its workdir or
+  # checkpoints/ folder (None or '': random initialisation). `classifier`: 'auto' copies the
+  # classifier where its shapes fit and initialises it afresh where the class count differs,
+  # 'copy' requires it to fit, 'reset' always initialises it afresh. `freeze_through`: a layer of
+  # the model's `layer_names` ('conv5', 'fc7'); it and every layer before it get no updates and no
+  # weight decay (None or '': nothing frozen; applies with or without `checkpoint`).
+  c.init = ml_collections.ConfigDict(
+      dict(checkpoint=ml_collections.FieldReference(None, field_type=str),
+           step=ml_collections.FieldReference(None, field_type=int), classifier='auto',
+           freeze_through=ml_collections.FieldReference(None, field_type=str)))
   return c
 
 
@@ -277,6 +295,8 @@ VALUE_RANGES = {
     'dataset.image_size': _POSITIVE,
     'dataset.seed': _SEED,
     'dataset.max_bad_fraction': Range('[0, 1]'),
+    # dataset.classes (() : all) is checked where the data set is opened (data.catalog), against
+    # its class count, as dataset.subset_file is against its splits.
     'input.mean_rgb': Range('(-inf, inf)', length=3),
     'input.std_rgb': Range('(0, inf)', length=3),
     'input.workers': _NON_NEGATIVE,
@@ -306,6 +326,8 @@ VALUE_RANGES = {
     'checkpoint.keep_epochs': Range('[0, inf)', sequence=True),
     'visualize.every_epochs': _NON_NEGATIVE,  # 0: never
     'visualize.images': _POSITIVE,
+    # init.step (None: the latest) is checked against the steps its checkpoint holds
+    # (trained.resolve_step), where the checkpoint is read.
 }
 
 # The numeric fields of every model's spec, by field name (the same name means the same thing in
@@ -328,13 +350,15 @@ MODEL_RANGES = {
 }
 
 # The string fields that name one of a few options, and their options. Their owners: optim
-# (learning_rate_schedule), program.COMPUTE_DTYPES, data.augment (view_windows) and
-# data.pipeline.WORKER_PRIORITIES; tests/test_configs.py checks that they agree.
+# (learning_rate_schedule), program.COMPUTE_DTYPES, data.augment (view_windows),
+# data.pipeline.WORKER_PRIORITIES and warm_start.CLASSIFIER_MODES; tests/test_configs.py and
+# tests/test_finetune.py check that they agree.
 CHOICES = {
     'compute_dtype': ('float32', 'bfloat16'),
     'optim.schedule': ('plateau', 'step', 'cosine'),
     'input.eval_views': ('ten', 'center'),
     'input.worker_priority': ('normal', 'low', 'idle'),
+    'init.classifier': ('auto', 'copy', 'reset'),
 }
 
 

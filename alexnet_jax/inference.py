@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterator, Sequence
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from alexnet_jax import sharding, steps
-from alexnet_jax.data import pipeline
+from alexnet_jax.data import augment, pipeline
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.trained import Trained
 
@@ -105,6 +106,32 @@ class Pass:
   probabilities: bool = True
   # Resize the shorter side to this before the views are cut (default: the config's resize_to).
   resize_to: int | None = None
+  # VGG's descriptor (Simonyan & Zisserman, Appendix B): the views at each of these shorter-side
+  # scales, all averaged (``MultiScaleViews``); empty: the views at one scale.
+  scales: tuple[int, ...] = ()
+
+
+class MultiScaleViews(grain.transforms.Map):
+  """The ``views`` (``'ten'``: corners, centre and their reflections) of an image rescaled so its
+  shorter side is each of ``scales`` in turn (the centre square of it, as at one scale): image
+  ``(len(scales) * views, crop, crop, 3)``. The crops of other scales than the mean image's do
+  not match its windows, so the mean image is subtracted as its central window from all."""
+
+  def __init__(self, crop_size: int, scales: Sequence[int], views: str = 'ten'):
+    self.crop_size, self.scales, self.views = int(crop_size), tuple(scales), views
+    for q in self.scales:
+      if q < self.crop_size:
+        raise ConfigError(f'descriptor scale {q} is smaller than the {self.crop_size}px input: '
+                          f'every scale must be at least {self.crop_size}')
+
+  def map(self, element):
+    crops = []
+    for q in self.scales:
+      image = augment.fit_for_crop(element['image'], self.crop_size, q)
+      for t, l, f in augment.view_windows(*image.shape[:2], self.crop_size, self.views):
+        crops.append(augment.crop_flip(image, t, l, self.crop_size, f))
+    return dict(image=np.stack(crops), label=np.int32(element['label']), crop=np.zeros(
+        (len(crops), 3), np.int32), mask=np.float32(1.0))
 
 
 def compile_pass(trained: Trained, what: Pass) -> Callable:
@@ -136,18 +163,28 @@ def passes(trained: Trained, source, what: Pass, *, batch_size: int | None = Non
   passes."""
   config = trained.config
   mesh = trained.mesh
-  batch_size = int(batch_size or config.eval_batch_size)
+  if batch_size is None:
+    batch_size = int(config.eval_batch_size)
+    if what.scales:  # eval_batch_size views a step (the CPU's convolutions need room per view)
+      shards = mesh.shape[sharding.DATA]
+      per_step = batch_size // (10 * len(what.scales))
+      batch_size = max(shards, per_step // shards * shards)
   sharding.check_batch(batch_size, mesh, 'eval_batch_size')
   fn = compiled or compile_pass(trained, what)
-  ds = pipeline.eval_dataset(source, global_batch_size=batch_size,
-                             crop_size=config.model.image_size, shards=mesh.shape[sharding.DATA],
+  size = config.model.image_size
+  transform = MultiScaleViews(size, what.scales, what.views) if what.scales else None
+  ds = pipeline.eval_dataset(source, global_batch_size=batch_size, crop_size=size,
+                             shards=mesh.shape[sharding.DATA],
                              host_shards=sharding.host_shards(mesh),
                              workers=config.input.workers if workers is None else workers,
-                             resize_to=what.resize_to or config.input.resize_to, views=what.views)
+                             resize_to=what.resize_to or config.input.resize_to, views=what.views,
+                             transform=transform)
+  # Without crop positions the mean image is subtracted as its central window (MultiScaleViews).
+  keys = ('image', 'label') if what.scales else ('image', 'label', 'crop')
   n = len(source)
   in_flight = None
   for i, batch in enumerate(ds):
-    batch = {k: batch[k] for k in ('image', 'label', 'crop') if k in batch}
+    batch = {k: batch[k] for k in keys if k in batch}
     out = fn(trained.params, trained.batch_stats, sharding.put_batch(batch, mesh))
     if in_flight is not None:
       yield _finished(*in_flight, n, batch_size)

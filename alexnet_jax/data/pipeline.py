@@ -149,6 +149,12 @@ class _Padding(grain.transforms.Map):
     views_axis = () if views == 'center' else (len(augment.view_windows(c, c, c, views)),)
     self.shape = views_axis + (c, c, 3)
 
+  @classmethod
+  def like(cls, example: dict) -> _Padding:
+    padding = cls.__new__(cls)
+    padding.shape = tuple(example['image'].shape)
+    return padding
+
   def map(self, element):
     del element
     return {
@@ -286,8 +292,8 @@ def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
 
 def eval_dataset(source, *, global_batch_size: int, crop_size: int, shards: int = 1,
                  host_shards=(0,), workers: int = 0, prefetch_buffer: int = 4,
-                 read_threads: int = 4, resize_to: int | None = None,
-                 views: str = 'center') -> grain.IterDataset:
+                 read_threads: int = 4, resize_to: int | None = None, views: str = 'center',
+                 transform: grain.transforms.Map | None = None) -> grain.IterDataset:
   """One deterministic pass, centre-cropped (or ten views), with a mask: the source in order,
   padded with mask-0 examples to whole global batches (`eval_steps`), of which this process
   takes the rows of its ``host_shards``. Every process yields the same number of batches, so
@@ -295,10 +301,15 @@ def eval_dataset(source, *, global_batch_size: int, crop_size: int, shards: int 
   can be iterated again for the next evaluation.
   """
   host_shards = _check_shards(global_batch_size, shards, host_shards)
-  ds = grain.MapDataset.source(source).map(EvalTransform(crop_size, resize_to, views))
+  padding = _Padding(crop_size, views)
+  if transform is None:
+    transform = EvalTransform(crop_size, resize_to, views)
+  elif len(source):  # another transform (several scales' views, say): padding shaped like it
+    padding = _Padding.like(transform.map(source[0]))
+  ds = grain.MapDataset.source(source).map(transform)
   padded = eval_steps(len(source), global_batch_size) * global_batch_size
   if padded > len(ds):
-    pad = grain.MapDataset.range(padded - len(ds)).map(_Padding(crop_size, views))
+    pad = grain.MapDataset.range(padded - len(ds)).map(padding)
     ds = grain.MapDataset.concatenate([ds, pad]) if len(ds) else pad
   ds = _select_rows(ds, global_batch_size, shards, host_shards)
   return finish(ds, workers=workers, read_threads=read_threads, prefetch_buffer=prefetch_buffer)

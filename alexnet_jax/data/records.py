@@ -76,6 +76,19 @@ def decode_record(record: bytes) -> tuple[np.ndarray, int]:
   return image, int(label)
 
 
+def decode_label(record: bytes) -> int:
+  """The label of an `encode_record` record, from its header alone (the image is not decoded).
+  Raises `CorruptRecordError` where the header is not one."""
+  if len(record) < HEADER_SIZE:
+    raise CorruptRecordError(f'record of {len(record)} bytes is shorter than the header')
+  magic, label, _, _, codec = _HEADER.unpack_from(record)
+  if magic != RECORD_MAGIC:
+    raise CorruptRecordError(f'bad magic {magic!r} (expected {RECORD_MAGIC!r})')
+  if codec not in _CODEC_NAMES:
+    raise CorruptRecordError(f'unknown codec id {codec}')
+  return int(label)
+
+
 def decode_image_bytes(data: bytes, min_side: int | None = None) -> np.ndarray:
   """Decodes PNG/JPEG/... bytes to uint8 RGB (H, W, 3) with PIL (no TensorFlow).
 

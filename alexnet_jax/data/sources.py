@@ -2,8 +2,10 @@
 
 Each is a grain-compatible random-access source (``__len__``, ``__getitem__``) whose items are
 ``{'image': uint8 (H, W, 3), 'label': int32 scalar}``, with the data set's facts on ``source.info``
-(and ``num_classes`` / ``class_names`` as shortcuts). ``data.catalog.open_source`` finds the one a
-config names.
+(and ``num_classes`` / ``class_names`` as shortcuts), and ``source.labels()``: every record's label,
+read without decoding an image. ``data.catalog.open_source`` finds the one a config names; a
+`SubsetImageSource` (``select``) is chosen records of one or more of them, some classes only,
+relabelled.
 
 Reading never crashes on a single bad record: a record that cannot be read or decoded is counted
 on the source (``source.num_bad_records``), logged once, and replaced by the next good record
@@ -15,9 +17,12 @@ counts its own.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import hashlib
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any, SupportsIndex
 
 import grain
@@ -27,8 +32,17 @@ from absl import logging
 from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
-from alexnet_jax.data.records import CorruptRecordError, decode_image_bytes, decode_record, load_rgb
+from alexnet_jax.data.records import (
+    CorruptRecordError,
+    decode_image_bytes,
+    decode_label,
+    decode_record,
+    load_rgb,
+)
 from alexnet_jax.errors import DatasetNotFoundError, TooManyBadRecordsError
+
+# Records read at once for `ImageSource.labels`.
+_LABEL_CHUNK = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +55,19 @@ class DatasetInfo:
   class_names: tuple[str, ...]
   image_size: int | None = None  # stored side length when all images are square & equal
   location: str = ''  # directory the data is read from
+  # A short digest of the records and classes chosen from the data set (`SubsetImageSource`);
+  # '' for a whole split. Such a part has statistics of its own (`statistics.path_for`).
+  selection: str = ''
 
 
 class ImageSource:
   """Base class: robust random access over `(image, label)` examples.
 
   Subclasses implement `_read(index) -> (uint8 HxWx3, int)` and may raise anything
-  on a bad record. The base class handles replacement, counting and the threshold.
+  on a bad record. The base class handles replacement, counting and the threshold. They may
+  implement `_read_labels` (every label without decoding the images; the default decodes every
+  record) and `_open` (what must succeed before any record is read: a failure there is an error,
+  not a bad record).
   """
 
   # How many following records to try before giving up on a replacement.
@@ -58,10 +78,26 @@ class ImageSource:
     self.max_bad_fraction = float(max_bad_fraction)
     self._bad: dict[int, str] = {}
     self._lock = threading.Lock()
+    self._labels: np.ndarray | None = None  # `labels()`, once read
 
   # -- to implement ---------------------------------------------------------
   def _read(self, index: int) -> tuple[np.ndarray, int]:
     raise NotImplementedError
+
+  def _read_labels(self) -> tuple[np.ndarray, dict[int, BaseException]]:
+    """(int64 (len,) labels, {index: error} of the records whose label cannot be read; their
+    entries are ignored). This default decodes every record: override it where a label can be
+    read alone."""
+    labels, bad = np.zeros(len(self), np.int64), {}
+    for i in range(len(self)):
+      try:
+        labels[i] = self._read(i)[1]
+      except Exception as e:  # pylint: disable=broad-except
+        bad[i] = e
+    return labels, bad
+
+  def _open(self) -> None:
+    """Opens what reading needs (a no-op here)."""
 
   # -- public ---------------------------------------------------------------
   @property
@@ -86,7 +122,34 @@ class ImageSource:
   def __len__(self) -> int:
     return self.info.num_examples
 
+  def labels(self) -> np.ndarray:
+    """The label of every record, int64 (len,), read-only, without decoding the images (read once,
+    then kept on this object). A record whose label cannot be read is counted as bad and takes the
+    label of the next readable one, as `__getitem__` replaces it (a record whose header is sound
+    but whose image is not has its own label here, the next record's there)."""
+    if self._labels is None:
+      self._open()
+      labels, bad = self._read_labels()
+      labels = np.array(labels, np.int64)
+      if labels.shape != (len(self),):
+        raise AssertionError(f'{self!r}: {labels.shape} labels for {len(self)} records')
+      for i in sorted(bad):
+        self._note_bad(i, bad[i])
+      probes = min(len(self), self._MAX_REPLACEMENT_PROBES)
+      for i in sorted(bad):
+        following = ((i + probe) % len(self) for probe in range(probes))
+        good = next((j for j in following if j not in bad), None)
+        if good is None:
+          raise TooManyBadRecordsError(
+              f'{self.info.name}/{self.info.split}: no readable label among {probes} consecutive '
+              f'records from index {i} (in {self.info.location})')
+        labels[i] = labels[good]
+      labels.setflags(write=False)
+      self._labels = labels
+    return self._labels
+
   def __getitem__(self, record_key: SupportsIndex) -> dict[str, Any]:
+    self._open()  # failing to open the set is an error, not a bad record
     n = len(self)
     index = record_key.__index__()
     if index < 0:
@@ -131,6 +194,7 @@ class ImageSource:
   def __getstate__(self):
     state = self.__dict__.copy()
     del state['_lock']
+    state['_labels'] = None  # read again where needed: grain workers only read records
     return state
 
   def __setstate__(self, state):
@@ -167,6 +231,10 @@ class ArrayRecordImageSource(ImageSource):
 
   def _read(self, index: int) -> tuple[np.ndarray, int]:
     return decode_record(self._records[index])
+
+  def _read_labels(self) -> tuple[np.ndarray, dict[int, BaseException]]:
+    # Each record is read (ArrayRecord has no partial reads) but only its header is parsed.
+    return _labels_in_chunks(len(self), self._records.__getitems__, decode_label)
 
 
 def _count_records(path: str, where: str, remedy: str) -> int:
@@ -215,9 +283,13 @@ class TfdsImageSource(ImageSource):
                                             decoders={self._image_key: tfds.decode.SkipDecoding()})
     return self._ds
 
-  def __getitem__(self, record_key: SupportsIndex) -> dict[str, Any]:
-    self._data_source()  # failing to open the set is an error, not a bad record
-    return super().__getitem__(record_key)
+  def _open(self) -> None:
+    self._data_source()
+
+  def _read_labels(self) -> tuple[np.ndarray, dict[int, BaseException]]:
+    # The data source skips the image's decoding: its label is all that is parsed of an example.
+    return _labels_in_chunks(len(self),
+                             self._data_source().__getitems__, lambda e: int(e[self._label_key]))
 
   def _read(self, index: int) -> tuple[np.ndarray, int]:
     example = self._data_source()[index]
@@ -260,6 +332,136 @@ class FolderImageSource(ImageSource):
     path, label = self._files[index]
     with Image.open(os.path.join(self.info.location, path)) as img:
       return np.asarray(load_rgb(img, self._min_side), dtype=np.uint8), label
+
+  def _read_labels(self) -> tuple[np.ndarray, dict[int, BaseException]]:
+    return np.array([label for _, label in self._files], np.int64), {}
+
+
+def _labels_in_chunks(n: int, read_many, label_of) -> tuple[np.ndarray, dict[int, BaseException]]:
+  """`ImageSource._read_labels` for a source whose records ``read_many(indices)`` reads at once
+  and ``label_of(record)`` parses the label of; a chunk that fails to read is read again one
+  record at a time, so that only its bad records are bad."""
+  labels, bad = np.zeros(n, np.int64), {}
+  for start in range(0, n, _LABEL_CHUNK):
+    indices = list(range(start, min(n, start + _LABEL_CHUNK)))
+    try:
+      chunk = read_many(indices)
+    except Exception:  # pylint: disable=broad-except
+      chunk = None
+    for k, i in enumerate(indices):
+      try:
+        labels[i] = label_of(chunk[k] if chunk is not None else read_many([i])[0])
+      except Exception as e:  # pylint: disable=broad-except
+        bad[i] = e
+  return labels, bad
+
+
+class SubsetImageSource(ImageSource):
+  """Chosen records of one or more sources (splits of one data set), in the order given, and
+  optionally only the examples of some classes, relabelled 0..k-1 in the order the classes are
+  given: what ``config.dataset.subset_file`` and ``config.dataset.classes`` make of a split
+  (`select` builds one). Behaves like any other source: its items, ``info`` (its own
+  ``num_examples``, ``num_classes``, ``class_names``, and a ``selection`` digest), ``labels()``,
+  and pickling to grain workers (the sources it draws from travel with it).
+
+  A bad record is replaced by the next record of the subset (so by an example of a kept class),
+  and counted here, against ``max_bad_fraction`` of the subset.
+  """
+
+  def __init__(self, parts: Sequence[tuple[ImageSource, np.ndarray]], info: DatasetInfo, *,
+               label_map: np.ndarray | None = None, max_bad_fraction: float = 0.01):
+    """``parts``: (source, int indices of its records) in order; ``label_map``: the new label of
+    each of the sources' labels (-1: not kept), None to keep them."""
+    super().__init__(info, max_bad_fraction=max_bad_fraction)
+    self._sources = [source for source, _ in parts]
+    self._indices = [np.asarray(indices, np.int64) for _, indices in parts]
+    self._starts = np.cumsum([0] + [len(i) for i in self._indices[:-1]]).tolist()
+    self._label_map = None if label_map is None else np.asarray(label_map, np.int64)
+    if sum(len(i) for i in self._indices) != info.num_examples:
+      raise AssertionError(f'{info.num_examples} examples in the info, '
+                           f'{sum(len(i) for i in self._indices)} chosen')
+
+  @property
+  def sources(self) -> list[ImageSource]:
+    """The sources drawn from, in order."""
+    return list(self._sources)
+
+  def _relabel(self, labels: np.ndarray) -> np.ndarray:
+    if self._label_map is None:
+      return labels
+    inside = (labels >= 0) & (labels < len(self._label_map))
+    return np.where(inside, self._label_map[np.where(inside, labels, 0)], -1)
+
+  def _open(self) -> None:
+    for source in self._sources:
+      source._open()  # pylint: disable=protected-access
+
+  def _read(self, index: int) -> tuple[np.ndarray, int]:
+    part = bisect.bisect_right(self._starts, index) - 1
+    record = int(self._indices[part][index - self._starts[part]])
+    image, label = self._sources[part]._read(record)  # pylint: disable=protected-access
+    new = int(self._relabel(np.array([label], np.int64))[0])
+    if new < 0:  # labels() said otherwise: the record's label is damaged
+      raise CorruptRecordError(f'record {record} of {self._sources[part].info.split!r} has label '
+                               f'{label}, not one of the selected classes')
+    return image, new
+
+  def _read_labels(self) -> tuple[np.ndarray, dict[int, BaseException]]:
+    labels = self._relabel(
+        np.concatenate([s.labels()[i] for s, i in zip(self._sources, self._indices)]))
+    return labels, {}
+
+  def __repr__(self) -> str:
+    return (f'{type(self).__name__}(name={self.info.name!r}, split={self.info.split!r}, '
+            f'num_examples={self.info.num_examples}, num_classes={self.info.num_classes}, '
+            f'selection={self.info.selection!r}, location={self.info.location!r})')
+
+
+def select(parts: Sequence[tuple[ImageSource, Sequence[int]]], split: str, *,
+           classes: Sequence[int] = (), max_bad_fraction: float = 0.01) -> SubsetImageSource:
+  """A `SubsetImageSource` of the records ``parts`` name ((source, record indices), in order: the
+  sources are splits of one data set), then, with ``classes``, only the examples of those classes
+  (read with ``labels()``), relabelled 0..k-1 in the order given. ``split``: its name.
+
+  Raises:
+    ValueError: an index or class out of range (callers check them first, to say which input).
+  """
+  if not parts:
+    raise ValueError('no parts to select from')
+  first = parts[0][0]
+  chosen = []
+  for source, indices in parts:
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    if indices.size and (indices.min() < 0 or indices.max() >= len(source)):
+      raise ValueError(f'record indices outside 0..{len(source) - 1} of {source!r}')
+    chosen.append((source, indices))
+  num_classes, class_names = first.num_classes, first.class_names
+  label_map = None
+  classes = tuple(int(c) for c in classes)
+  digest = hashlib.sha256()
+  for source, indices in chosen:
+    digest.update(f'{source.info.split}:{len(indices)}:'.encode())
+    digest.update(indices.tobytes())
+  if classes:
+    if any(not 0 <= c < num_classes for c in classes) or len(set(classes)) != len(classes):
+      raise ValueError(f'classes {classes} are not distinct classes of 0..{num_classes - 1}')
+    label_map = np.full(num_classes, -1, np.int64)
+    label_map[list(classes)] = np.arange(len(classes))
+    kept = []
+    for source, indices in chosen:
+      labels = source.labels()[indices]
+      inside = (labels >= 0) & (labels < num_classes)
+      keep = inside & (label_map[np.where(inside, labels, 0)] >= 0)
+      kept.append((source, indices[keep]))
+    chosen = kept
+    num_classes, class_names = len(classes), tuple(class_names[c] for c in classes)
+    digest.update(f'classes:{classes}'.encode())
+  sizes = {source.info.image_size for source, _ in chosen}
+  info = dataclasses.replace(first.info, split=split, num_examples=sum(len(i) for _, i in chosen),
+                             num_classes=num_classes, class_names=tuple(class_names),
+                             image_size=sizes.pop() if len(sizes) == 1 else None,
+                             selection=digest.hexdigest()[:12])
+  return SubsetImageSource(chosen, info, label_map=label_map, max_bad_fraction=max_bad_fraction)
 
 
 def list_class_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:

@@ -133,11 +133,16 @@ def load(path: str) -> Statistics:
 
 def path_for(source) -> str:
   """Where a source's statistics live: ``statistics.npz`` in its directory (prepared and built-in
-  sets), or ``alexnet_jax_statistics.npz`` in a TFDS set's directory."""
+  sets), or ``alexnet_jax_statistics.npz`` in a TFDS set's directory. A part of a split (chosen
+  records or classes: ``source.info.selection``, a digest of them) has its own,
+  ``statistics-<selection>.npz`` (``alexnet_jax_statistics-<selection>.npz``)."""
   location = str(source.info.location)
+  selection = getattr(source.info, 'selection', '')
+  stem, ext = os.path.splitext(FILENAME)
+  filename = f'{stem}-{selection}{ext}' if selection else FILENAME
   if exists(os.path.join(location, 'metadata.json')):
-    return os.path.join(location, FILENAME)
-  return os.path.join(location, 'alexnet_jax_' + FILENAME)
+    return os.path.join(location, filename)
+  return os.path.join(location, 'alexnet_jax_' + filename)
 
 
 class _Square:
