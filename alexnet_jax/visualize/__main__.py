@@ -1,21 +1,22 @@
-"""``python -m alexnet_jax.visualize <analysis> --config=… --checkpoint=DIR [--images=…] --out=DIR``
+"""``python -m alexnet_jax.visualize <analysis> --checkpoint=DIR --out=DIR [--config=…]``
 
-Analyses: filters, deconv, top9, evolution, invariance, occlusion, correspondence (see
-``alexnet_jax.visualize``). Writes PNG figures and .npz arrays into --out, and an index.html that
-shows every figure written there with its caption.
+Analyses: filters, deconv, top9, evolution, invariance, occlusion, correspondence, predictions,
+neighbours (see ``alexnet_jax.visualize``). Writes PNG figures and .npz arrays into --out, and an
+index.html that shows every figure written there with its caption. Without ``--config`` the config
+stored with the checkpoint is used (``--config.field=value`` overrides its fields).
 """
 
 from __future__ import annotations
 
 from absl import app, flags
 
-from alexnet_jax import cli, distributed, storage
+from alexnet_jax import cli, configs, distributed, storage, trained
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.visualize import commands
 
 
 def _define_flags():
-  cli.define_tool_flags()
+  cli.define_config_flag_from_checkpoint()
   cli.define_huge_pages_flag()
   flags.DEFINE_string(
       'checkpoint', None, 'The training --workdir (or its checkpoints/ folder); '
@@ -47,6 +48,12 @@ def _define_flags():
   flags.DEFINE_integer('random_draws', 10, 'correspondence: random boxes per part.', lower_bound=1)
   flags.DEFINE_integer('seed', 0, 'Seed for the choice of images, maps and random boxes.',
                        lower_bound=0)
+  flags.DEFINE_integer(
+      'num_train', None, 'neighbours: search the first N training images '
+      '(default: the whole training split).', lower_bound=1)
+  flags.DEFINE_integer(
+      'chunk_size', 256, 'neighbours: training images per chunk through the '
+      'devices (rounded up to a multiple of them).', lower_bound=1)
 
 
 def parse_parts(text: str | None) -> dict | None:
@@ -81,17 +88,21 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in commands.ANALYSES:
     raise app.UsageError(f'name one analysis: {" | ".join(commands.ANALYSES)}')
   f = flags.FLAGS
-  config = cli.config_or_usage_error()
   if not f.checkpoint or not f.out:
     raise app.UsageError('--checkpoint=the training workdir and --out=a folder are required')
+  if not storage.is_local(f.checkpoint):
+    storage.check_url(f.checkpoint, '--checkpoint')
+  # --config: a file given, else the checkpoint's stored config (cli reads it before parsing);
+  # where that could not be read, config_for says why (or reads it through orbax).
+  config = trained.config_for(f.checkpoint, f.step, f.config)
+  configs.check_fields(config)
   options = commands.Options(images=f.images, num_images=f.num_images, layers=f.layers,
                              maps=_numbers(f.maps, int, '--maps'), num_maps=f.num_maps, top=f.top,
                              step=f.step, epochs=_numbers(f.epochs, float, '--epochs'),
                              occluder_size=f.occluder_size, occluder_stride=f.occluder_stride,
-                             parts=parse_parts(f.parts), random_draws=f.random_draws, seed=f.seed)
+                             parts=parse_parts(f.parts), random_draws=f.random_draws, seed=f.seed,
+                             num_train=f.num_train, chunk_size=f.chunk_size)
   cli.writable_directory(f.out, '--out')
-  if not storage.is_local(f.checkpoint):
-    storage.check_url(f.checkpoint, '--checkpoint')
   distributed.initialize(config)
   cli.quiet_orbax_info()
   written = commands.run(argv[1], config, f.checkpoint, options, f.out)

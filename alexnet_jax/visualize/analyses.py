@@ -15,7 +15,7 @@ from PIL import Image
 
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.visualize import deconvnet
-from alexnet_jax.visualize.network import Network
+from alexnet_jax.visualize.network import Network, replicated
 
 
 def spatial_layers(net: Network) -> list[str]:
@@ -244,6 +244,115 @@ def invariance(net: Network, images: np.ndarray, labels: np.ndarray | None, laye
 def softmax(logits: np.ndarray) -> np.ndarray:
   z = np.exp(logits - logits.max(axis=-1, keepdims=True))
   return z / z.sum(axis=-1, keepdims=True)
+
+
+# --- Predictions (AlexNet's Fig. 4, left) ---------------------------------------------------------
+
+
+def top_predictions(net: Network, images: np.ndarray, k: int = 5) -> dict[str, np.ndarray]:
+  """Each image's ``k`` most probable classes, most probable first (of equal probabilities the
+  lower class), and their softmax probabilities: ``classes (N, k)``, ``probabilities (N, k)``,
+  computed on the devices. ``k`` is at most the number of classes."""
+  k = min(int(k), int(net.config.model.num_classes))
+  apply, normalize = net.apply, net.normalize
+
+  def make():
+
+    def top(params, x):
+      logits, _ = apply(params, normalize(x), False)
+      probabilities, classes = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32)), k)
+      return dict(classes=classes, probabilities=probabilities)
+
+    return top
+
+  fn = net.function(('top_predictions', k), make)
+  return net.map_batches(fn, np.asarray(images, np.float32), desc='predictions')
+
+
+# --- Nearest neighbours (AlexNet's Fig. 4, right) -------------------------------------------------
+
+
+def feature_layer(net: Network) -> str:
+  """The last hidden layer, the one before the classifier (the model's ``layer_names[-2]``): fc7
+  for AlexNet, ZFNet and VGG, the last block for ResNet, the last inception module for GoogLeNet."""
+  names = list(all_layers(net))
+  return names[-2] if len(names) > 1 else names[-1]
+
+
+def pooled(act: jax.Array) -> jax.Array:
+  """A layer's activations as one vector per image: feature maps averaged over their positions."""
+  act = act.astype(jnp.float32)
+  return jnp.mean(act, axis=(1, 2)) if deconvnet.is_spatial(act) else act.reshape(len(act), -1)
+
+
+def layer_vectors(net: Network, images: np.ndarray, layers: list[str]) -> dict[str, np.ndarray]:
+  """Per layer the images' vectors (``pooled``), ``(N, D)``."""
+  apply, normalize = net.apply, net.normalize
+
+  def make():
+    return lambda params, x: {
+        layer: pooled(a)
+        for layer, a in deconvnet.features(apply, params, normalize(x))[1].items()
+        if layer in layers
+    }
+
+  fn = net.function(('vectors', tuple(layers)), make)
+  return net.map_batches(fn, np.asarray(images, np.float32))
+
+
+def merge_nearest(best, queries: jax.Array, vectors: jax.Array, index: jax.Array):
+  """The running ``k`` nearest vectors of each query, merged with one more chunk of them.
+
+  ``best``: ``(squared distances (Q, k), indices (Q, k))``, nearest first (+inf and -1 where
+  nothing is known yet); ``queries (Q, D)``; ``vectors (C, D)`` with their indices ``index (C,)``
+  (-1: padding, never chosen). Exact: ``jax.lax.top_k`` over the running best followed by the
+  chunk keeps, of equal distances, the earlier; chunks given in increasing index therefore keep
+  the lowest indices, as a stable sort of all distances would."""
+  best_d, best_i = best
+  d = jnp.sum(jnp.square(queries[:, None, :] - vectors[None, :, :]), axis=-1)  # fused: no Q×C×D
+  d = jnp.where(index[None, :] >= 0, d, jnp.inf)
+  all_d = jnp.concatenate([best_d, d], axis=1)
+  all_i = jnp.concatenate([best_i, jnp.broadcast_to(index[None, :], d.shape)], axis=1)
+  neg, position = jax.lax.top_k(-all_d, best_d.shape[1])
+  return -neg, jnp.take_along_axis(all_i, position, axis=1)
+
+
+def nearest_neighbours(net: Network, queries: np.ndarray, chunks, layers: list[str], k: int = 6, *,
+                       total: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """For each query image the ``k`` images of a stream whose ``layers`` vectors (``pooled``) are
+  nearest in Euclidean distance, found exactly: per layer ``(indices (Q, k), distances (Q, k))``,
+  nearest first (of equal distances the lower index).
+
+  ``chunks``: ``(pixels (C, S, S, 3), index (C,))`` with ``C`` a multiple of the local devices and
+  index -1 for padding, in increasing index (as ``images.chunks`` yields them; ``total`` of them,
+  for the progress bar). Each chunk's vectors, their distances to the queries and the merge into
+  the running nearest (``merge_nearest``) are computed on the devices: the stream's vectors are
+  never all held, on the devices or the host."""
+  layers = list(layers)
+  query_vectors = layer_vectors(net, queries, layers)
+  apply, normalize = net.apply, net.normalize
+
+  def make():
+
+    def step(params, q, best, pixels, index):
+      _, acts = deconvnet.features(apply, params, normalize(pixels))
+      merged = {}
+      for layer in layers:
+        merged[layer] = merge_nearest(best[layer], q[layer], pooled(acts[layer]), index)
+      return jax.lax.with_sharding_constraint(merged, replicated())
+
+    return step
+
+  fn = net.function(('nearest', tuple(layers)), make)
+  n = len(queries)
+  nothing = (np.full((n, k), np.inf, np.float32), np.full((n, k), -1, np.int32))
+  start = {layer: nothing for layer in layers}
+  best = net.fold_batches(fn, start, chunks, shared=(query_vectors,), desc='nearest neighbours',
+                          total=total)
+  return {
+      layer: (np.asarray(i), np.sqrt(np.maximum(np.asarray(d, np.float64), 0)).astype(np.float32))
+      for layer, (d, i) in best.items()
+  }
 
 
 # --- Occlusion ------------------------------------------------------------------------------------

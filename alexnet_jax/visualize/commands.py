@@ -17,11 +17,13 @@ from matplotlib import patches
 from alexnet_jax import storage
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.visualize import analyses, render
+from alexnet_jax.visualize import images as images_lib
 from alexnet_jax.visualize.checkpoints import checkpoint_steps, load_network
 from alexnet_jax.visualize.images import Images, load_images
-from alexnet_jax.visualize.network import CompiledFunctions, Network
+from alexnet_jax.visualize.network import CompiledFunctions, Network, device_count
 
-ANALYSES = ('filters', 'deconv', 'top9', 'evolution', 'invariance', 'occlusion', 'correspondence')
+ANALYSES = ('filters', 'deconv', 'top9', 'evolution', 'invariance', 'occlusion', 'correspondence',
+            'predictions', 'neighbours')
 
 
 @dataclasses.dataclass
@@ -39,10 +41,12 @@ class Options:
   parts: dict | None = None  # correspondence: name → boxes (top, left, height, width)
   random_draws: int = 10
   seed: int = 0
+  num_train: int | None = None  # neighbours: the first N training images (default: all)
+  chunk_size: int = 256  # neighbours: training images per chunk through the devices
 
 
 DEFAULT_IMAGES = dict(deconv=4, top9=256, evolution=256, invariance=4, occlusion=3,
-                      correspondence=5)
+                      correspondence=5, predictions=8, neighbours=5)
 
 
 def _images(net_config, options: Options, analysis: str) -> Images:
@@ -363,6 +367,163 @@ def run_correspondence(net: Network, options: Options, out_dir: str) -> list[str
              f'({options.random_draws} draws). Table: correspondence.md.')
   return _finish(out_dir, 'correspondence', [('correspondence.png', caption)],
                  ['correspondence.md', 'correspondence.json'])
+
+
+# --- predictions (AlexNet's Fig. 4, left) --------------------------------------------------------
+
+TOP_CLASSES = 5
+PREDICTIONS_PER_FIGURE = 8
+
+
+def _short(name: str, width: int = 22) -> str:
+  """A class name for a label: its first synonym ('tabby, tabby cat' → 'tabby'), shortened."""
+  name = name.split(',')[0].strip()
+  return name if len(name) <= width else name[:width - 1] + '…'
+
+
+def _class_names(config, images: Images) -> Images:
+  """``images`` with the data set's class names where they carry none (photographs, files)."""
+  if images.class_names:
+    return images
+  return dataclasses.replace(images, class_names=images_lib.dataset_class_names(config))
+
+
+def _predictions_figure(images: Images, classes, probabilities, labels, cols: int = 4):
+  n = len(classes)
+  cols = min(cols, n)
+  rows = -(-n // cols)
+  fig = render.figure(figsize=(3.3 * cols, 4.9 * rows))
+  grid = fig.add_gridspec(2 * rows, cols, height_ratios=[3, 1.7] * rows)
+  for i in range(n):
+    r, c = divmod(i, cols)
+    ax = fig.add_subplot(grid[2 * r, c])
+    ax.imshow(images.pixels[i])
+    truth = '' if labels[i] < 0 else f'\n{_short(images.class_name(int(labels[i])), 30)}'
+    ax.set_title(f'{images.names[i]}{truth}', fontsize=9)
+    ax.axis('off')
+    bars = fig.add_subplot(grid[2 * r + 1, c])
+    y = np.arange(len(classes[i]))
+    colours = ['tab:red' if k == labels[i] else 'tab:blue' for k in classes[i]]
+    bars.barh(y, probabilities[i], color=colours)
+    bars.set_yticks(y, [_short(images.class_name(int(k))) for k in classes[i]], fontsize=8)
+    bars.invert_yaxis()
+    bars.set_xlim(0, 1)
+    bars.tick_params(axis='x', labelsize=7)
+  return fig
+
+
+def run_predictions(net: Network, options: Options, out_dir: str) -> list[str]:
+  images = _class_names(net.config, _images(net.config, options, 'predictions'))
+  result = analyses.top_predictions(net, images.pixels, TOP_CLASSES)
+  classes, probabilities = result['classes'], result['probabilities']
+  k = classes.shape[1]
+  labels = (np.full(len(classes), -1) if images.labels is None else np.asarray(images.labels))
+  truth = ''
+  if images.labels is not None:
+    top1 = int(np.sum(classes[:, 0] == labels))
+    topk = int(np.sum(np.any(classes == labels[:, None], axis=1)))
+    truth = (f' The true class (under each image) is red where it is among them: top-1 correct '
+             f'{top1} of {len(labels)}, top-{k} {topk} of {len(labels)}.')
+  figures = []
+  for page, start in enumerate(range(0, len(classes), PREDICTIONS_PER_FIGURE)):
+    part = slice(start, start + PREDICTIONS_PER_FIGURE)
+    shown = dataclasses.replace(images, pixels=images.pixels[part], names=images.names[part])
+    fig = _predictions_figure(shown, classes[part], probabilities[part], labels[part])
+    name = f'predictions_{page}.png'
+    render.save_figure(fig, os.path.join(out_dir, name))
+    figures.append((name, f'The {k} most probable classes of {_where(net)} for each image '
+                    f'({", ".join(shown.names)}), most probable on top, with their softmax '
+                    f'probabilities.{truth}'))
+  data = _npz(out_dir, 'predictions.npz', images=images.pixels, classes=classes,
+              probabilities=probabilities, labels=labels, names=np.array(images.names))
+  return _finish(out_dir, 'predictions', figures, [data])
+
+
+# --- neighbours (AlexNet's Fig. 4, right) ---------------------------------------------------------
+
+NEIGHBOURS = 6
+QUERIES_PER_FIGURE = 10
+
+
+def _training_count(config, train, options: Options) -> int:
+  split = config.dataset.train_split
+  count = len(train) if options.num_train is None else options.num_train
+  if count > len(train):
+    raise ConfigError(f'--num_train={count}: the {split} split holds {len(train)} images')
+  if count < NEIGHBOURS:
+    given = '' if options.num_train is None else f', --num_train={count}'
+    raise ConfigError(f'neighbours shows the {NEIGHBOURS} nearest training images: it needs at '
+                      f'least {NEIGHBOURS} (the {split} split holds {len(train)}{given})')
+  return count
+
+
+def _neighbours_figure(queries: Images, pixels, labels, distances):
+  n, k = distances.shape
+  fig = render.figure(figsize=(1.6 * (k + 1.2), 1.95 * n))
+  grid = fig.add_gridspec(n, k + 2, width_ratios=[1, 0.2] + [1] * k)
+  for q in range(n):
+    label = -1 if queries.labels is None else int(queries.labels[q])
+    ax = fig.add_subplot(grid[q, 0])
+    ax.imshow(queries.pixels[q])
+    truth = '' if label < 0 else f'\n{_short(queries.class_name(label), 16)}'
+    ax.set_title(f'{queries.names[q]}{truth}', fontsize=8)
+    ax.axis('off')
+    for j in range(k):
+      ax = fig.add_subplot(grid[q, j + 2])
+      ax.imshow(pixels[q, j])
+      same = label >= 0 and labels[q, j] == label
+      ax.set_title(
+          f'd = {distances[q, j]:.3g}\n{_short(queries.class_name(int(labels[q, j])), 16)}',
+          fontsize=8, color='tab:green' if same else 'black')
+      ax.axis('off')
+  return fig
+
+
+def run_neighbours(net: Network, options: Options, out_dir: str) -> list[str]:
+  config = net.config
+  layers = analyses.check_layers(net, options.layers or [analyses.feature_layer(net)])
+  train = images_lib.open_split(config, config.dataset.train_split)
+  count = _training_count(config, train, options)
+  queries = _images(config, options, 'neighbours')
+  if not queries.class_names:  # photographs, files: the names of the classes the network knows
+    queries = dataclasses.replace(queries, class_names=tuple(train.class_names))
+  devices = device_count()
+  chunk = -(-options.chunk_size // devices) * devices
+  stream = images_lib.chunks(config, train, count, chunk)
+  found = analyses.nearest_neighbours(net, queries.pixels, stream, layers, NEIGHBOURS,
+                                      total=-(-count // chunk))
+  shapes = analyses.all_layers(net)
+  figures, arrays = [], {}
+  for layer, (indices, distances) in found.items():
+    pixels, labels = images_lib.read_examples(config, train, indices.reshape(-1))
+    pixels = pixels.reshape(*indices.shape, *pixels.shape[1:])
+    labels = labels.reshape(indices.shape)
+    shape = shapes[layer]
+    vector = (f'{shape[-1]} maps averaged over their {shape[0]}x{shape[1]} positions'
+              if len(shape) == 3 else f'{shape[-1]} values')
+    searched = f'all {count}' if count == len(train) else f'the first {count}'
+    pages = range(0, len(indices), QUERIES_PER_FIGURE)
+    for page, start in enumerate(pages):
+      part = slice(start, start + QUERIES_PER_FIGURE)
+      shown = dataclasses.replace(queries, pixels=queries.pixels[part], names=queries.names[part],
+                                  labels=None if queries.labels is None else queries.labels[part])
+      name = f'neighbours_{layer}.png' if len(pages) == 1 else f'neighbours_{layer}_{page}.png'
+      render.save_figure(_neighbours_figure(shown, pixels[part], labels[part], distances[part]),
+                         os.path.join(out_dir, name))
+      figures.append((name, f'{layer} ({vector}) of {_where(net)}: each query image (left; '
+                      f'{", ".join(shown.names)}) and the {NEIGHBOURS} of {searched} images of '
+                      f'the {config.dataset.train_split} split whose {layer} vectors are nearest '
+                      'to its own in Euclidean distance, nearest first; above each its distance '
+                      "and class (green: the query's class)."))
+    arrays.update({
+        f'{layer}/indices': indices, f'{layer}/distances': distances, f'{layer}/images': pixels,
+        f'{layer}/labels': labels
+    })
+  query_labels = (np.full(len(queries.pixels), -1)
+                  if queries.labels is None else np.asarray(queries.labels))
+  data = _npz(out_dir, 'neighbours.npz', queries=queries.pixels, query_labels=query_labels,
+              query_names=np.array(queries.names), num_train=np.int64(count), **arrays)
+  return _finish(out_dir, 'neighbours', figures, [data])
 
 
 # --- during training ------------------------------------------------------------------------------

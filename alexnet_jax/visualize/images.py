@@ -1,17 +1,20 @@
 """Images to look at a network with: the config's evaluation split, scikit-image's photographs, or
-files and folders, each as the centre square at the network's input size."""
+files and folders, each as the centre square at the network's input size; and a split of the data
+set read in padded chunks (``chunks``) for the analyses that stream a whole split through the
+network."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import grain
 import numpy as np
 from PIL import Image
 
 from alexnet_jax.data import catalog, pipeline
-from alexnet_jax.errors import ConfigError
+from alexnet_jax.errors import ConfigError, DatasetNotFoundError
 
 SKIMAGE_PHOTOS = ('chelsea', 'astronaut', 'coffee')
 
@@ -45,6 +48,56 @@ def _read_file(path: str) -> np.ndarray:
     raise ConfigError(f'cannot read image {path}: {e}') from None
 
 
+def open_split(config, split: str):
+  """One split of the config's data set, opened as training and evaluation open it."""
+  return catalog.open_source(config.dataset, split, min_side=config.input.resize_to)
+
+
+def eval_crop(config) -> pipeline.EvalTransform:
+  """The evaluation's central view at the network's input size (after its optional resizing)."""
+  return pipeline.EvalTransform(int(config.model.image_size), config.input.resize_to)
+
+
+def dataset_class_names(config) -> tuple[str, ...]:
+  """The class names of the data set the network was trained on; () where it is not at hand (the
+  analyses then name classes by number)."""
+  try:
+    return tuple(open_split(config, config.dataset.eval_split).class_names)
+  except DatasetNotFoundError:
+    return ()
+
+
+def read_examples(config, source, indices) -> tuple[np.ndarray, np.ndarray]:
+  """``(pixels (N, S, S, 3) uint8, labels (N,))`` of ``source[indices]``, evaluation's crop."""
+  crop = eval_crop(config)
+  items = [crop.map(source[int(i)]) for i in indices]
+  size = int(config.model.image_size)
+  if not items:
+    return np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int64)
+  return np.stack([x['image'] for x in items]), np.array([int(x['label']) for x in items])
+
+
+def chunks(config, source, count: int, chunk: int, *, threads: int = 4,
+           prefetch: int = 4) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """The first ``count`` examples of ``source`` in evaluation's crop, ``chunk`` at a time:
+  ``(pixels (chunk, S, S, 3) uint8, index (chunk,) int32)``, the last chunk padded with copies of
+  its last image at index -1. A grain pipeline reads them, ``threads`` chunks at once and at most
+  ``prefetch`` (≥ ``threads``) ahead: only those are ever held, whatever the size of the split."""
+  if count <= 0:
+    return
+  crop = eval_crop(config)
+  ds = grain.MapDataset.source(source)[:count].map_with_index(
+      lambda i, x: dict(image=crop.map(x)['image'], index=np.int32(i))).batch(chunk)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
+  for batch in it:
+    pixels, index = batch['image'], batch['index']
+    real = len(index)
+    if real < chunk:
+      pixels = np.concatenate([pixels, np.repeat(pixels[-1:], chunk - real, axis=0)])
+      index = np.concatenate([index, np.full(chunk - real, -1, np.int32)])
+    yield pixels, index
+
+
 def load_images(config, spec: str | None, count: int, seed: int = 0) -> Images:
   """Images at the network's input size.
 
@@ -54,13 +107,11 @@ def load_images(config, spec: str | None, count: int, seed: int = 0) -> Images:
   """
   size = int(config.model.image_size)
   if spec in (None, '', 'dataset'):
-    source = catalog.open_source(config.dataset, config.dataset.eval_split)
+    source = open_split(config, config.dataset.eval_split)
     n = min(count, len(source))
     indices = np.sort(np.random.default_rng(seed).choice(len(source), n, replace=False))
-    crop = pipeline.EvalTransform(size)
-    items = [crop.map(source[int(i)]) for i in indices]
-    return Images(pixels=np.stack([x['image'] for x in items]),
-                  labels=np.array([int(x['label']) for x in items]),
+    pixels, labels = read_examples(config, source, indices)
+    return Images(pixels=pixels, labels=labels,
                   names=[f'{config.dataset.eval_split}[{i}]' for i in indices],
                   class_names=tuple(source.class_names))
   if spec == 'skimage':

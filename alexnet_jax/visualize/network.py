@@ -1,17 +1,19 @@
 """A network with parameters, ready to be analysed: device batching and compiled functions.
 
 ``Network.map_batches`` runs a jitted function over a leading batch axis split across the local
-devices, with a progress bar. ``CompiledFunctions`` holds what is compiled for one architecture, so
-that the networks of one session (a run's checkpoints, the snapshots taken during training) compile
-each analysis once per padded batch shape; each session makes its own.
+devices, with a progress bar; ``Network.fold_batches`` folds one over a stream of chunks into a
+state that stays on the devices. ``CompiledFunctions`` holds what is compiled for one
+architecture, so that the networks of one session (a run's checkpoints, the snapshots taken during
+training) compile each analysis once per padded batch shape; each session makes its own.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,16 @@ BATCH = 'batch'
 
 def _mesh() -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.array(jax.local_devices()), (BATCH,))
+
+
+def replicated() -> NamedSharding:
+  """Whole on every local device: the sharding of what ``Network.fold_batches`` folds into."""
+  return NamedSharding(_mesh(), P())
+
+
+def device_count() -> int:
+  """The local devices a batch is split across: chunks for ``fold_batches`` are multiples of it."""
+  return len(jax.local_devices())
 
 
 def _bucket(n: int, devices: int, cap: int) -> int:
@@ -153,6 +165,32 @@ class Network:
       out = jax.device_get(jitted(self._replicated, *shared, *chunks))
       outputs.append(jax.tree.map(lambda x: x[:real], out))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+
+  def fold_batches(self, fn: Callable, state, chunks: Iterable[tuple], *, shared: tuple = (),
+                   desc: str | None = None, total: int | None = None, in_flight: int = 2):
+    """``state = fn(params, *shared, state, *chunk)`` for each chunk of ``chunks`` (tuples of
+    arrays of one leading size, a multiple of ``device_count()``, split across the local devices),
+    the state replicated on the devices throughout (``fn`` keeps it so, e.g. with
+    ``jax.lax.with_sharding_constraint(..., replicated())``): only the final state comes to the
+    host. Dispatch is asynchronous, so the host reads the next chunks while the devices work;
+    at most ``in_flight`` chunks wait on the devices. ``fn`` is best one from ``function``."""
+    mesh = _mesh()
+    split = NamedSharding(mesh, P(BATCH))
+    if not hasattr(fn, 'lower') and fn not in self._jitted:
+      self._jitted[fn] = jax.jit(fn)
+    jitted = fn if hasattr(fn, 'lower') else self._jitted[fn]
+    shared = jax.device_put(jax.tree.map(np.asarray, tuple(shared)), replicated())
+    state = jax.device_put(jax.tree.map(np.asarray, state), replicated())
+    if desc is not None:
+      chunks = tqdm(chunks, desc=desc, total=total, unit='batch', leave=False)
+    pending = collections.deque()
+    for chunk in chunks:
+      parts = [jax.device_put(np.asarray(c), split) for c in chunk]
+      state = jitted(self._replicated, *shared, state, *parts)
+      pending.append(state)
+      if len(pending) > in_flight:
+        jax.block_until_ready(pending.popleft())
+    return jax.device_get(state)
 
   def features(self, images: np.ndarray, *, desc: str | None = None, batch_size: int = 64):
     """``(logits, {layer: untowered activations})`` as numpy arrays. ``images`` may hold fractional

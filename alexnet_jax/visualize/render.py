@@ -91,6 +91,11 @@ def subplots(rows: int, cols: int, *, figsize, squeeze: bool = True):
   return fig, fig.subplots(rows, cols, squeeze=squeeze)
 
 
+def figure(*, figsize) -> Figure:
+  """A bare ``Figure`` (see ``subplots``) that lays its axes out itself when saved."""
+  return Figure(figsize=figsize, layout='constrained')
+
+
 def colorbar(fig, mappable, ax):
   """A colour bar whose ticks carry their whole values: matplotlib's default moves a common offset
   or exponent into a text above the bar, where it overlaps the axes' title."""
