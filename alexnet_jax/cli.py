@@ -53,8 +53,22 @@ def config_from_checkpoint() -> bool:
                                                 ml_collections.ConfigDict)
 
 
+def checkpoint_config(path: str, step: int | None = None):
+  """The config a command uses the checkpoint of ``path`` with: ``--config`` (with its overrides)
+  whether it is a file the user named or the checkpoint's stored config; where there is neither,
+  ``trained.config_for``'s one line saying to pass ``--config``."""
+  config = flags.FLAGS.config
+  if config is not None:
+    configs.check_fields(config)
+  return trained.config_for(path, step, config)
+
+
 def override_values() -> dict:
-  """The ``--config.field=value`` overrides given, by dotted field path."""
+  """The ``--config.field=value`` overrides of the checkpoint's stored config, by dotted field path;
+  none where ``--config`` is a file (ml_collections applied them to it) or there is no config at
+  all (the flag was then never parsed, and asking it raises)."""
+  if not config_from_checkpoint():
+    return {}
   return dict(config_flags.get_override_values(flags.FLAGS['config']))
 
 

@@ -21,6 +21,7 @@ from alexnet_jax.data.sources import (
     ArrayRecordImageSource,
     DatasetInfo,
     ImageSource,
+    MultiLabelTfdsSource,
     TfdsImageSource,
 )
 from alexnet_jax.errors import ConfigError, DatasetNotFoundError
@@ -290,8 +291,17 @@ def _tfds_prepare_hint(name: str, data_dir: str) -> str:
           f'(the build step may need TensorFlow installed; reading does not)')
 
 
+def open_multilabel(dataset_cfg, split: str, *, label_key: str = 'labels',
+                    min_side: int | None = None) -> MultiLabelTfdsSource:
+  """One split of a multi-label TFDS set (PASCAL VOC: ``voc/2012``, whose ``labels`` feature is the
+  sequence of the classes an image shows), with its label matrix."""
+  data_dir = os.path.expanduser(str(dataset_cfg.data_dir or default_data_dir()))
+  return _open_tfds(dataset_cfg.name, split, data_dir, float(dataset_cfg.max_bad_fraction),
+                    min_side, label_key=label_key)
+
+
 def _open_tfds(name: str, split: str, data_dir: str, max_bad_fraction: float,
-               min_side: int | None = None) -> ImageSource:
+               min_side: int | None = None, label_key: str | None = None) -> ImageSource:
   hint = _tfds_prepare_hint(name, data_dir)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -317,8 +327,10 @@ def _open_tfds(name: str, split: str, data_dir: str, max_bad_fraction: float,
         f'TFDS data set {name!r} in {builder.data_dir} has no split {split!r} '
         f'(it has {sorted(info.splits.keys())})')
 
-  image_key, label_key = 'image', 'label'
-  if info.supervised_keys and all(isinstance(k, str) for k in info.supervised_keys[:2]):
+  multilabel = label_key is not None
+  image_key, label_key = 'image', label_key or 'label'
+  if not multilabel and info.supervised_keys and all(
+      isinstance(k, str) for k in info.supervised_keys[:2]):
     image_key, label_key = info.supervised_keys[:2]
   features = info.features
   if image_key not in features or label_key not in features:
@@ -326,6 +338,12 @@ def _open_tfds(name: str, split: str, data_dir: str, max_bad_fraction: float,
         f'TFDS data set {name!r} has no ({image_key!r}, {label_key!r}) features '
         f'(it has {sorted(features.keys())}); an image-classification set is needed')
   label_feature = features[label_key]
+  if multilabel:  # a sequence of class labels
+    label_feature = getattr(label_feature, 'feature', None)
+    if not isinstance(label_feature, tfds.features.ClassLabel):
+      raise DatasetNotFoundError(
+          f'TFDS data set {name!r}: its {label_key!r} feature is not a sequence of class labels, '
+          "so it is not a multi-label set (PASCAL VOC's is: voc/2012)")
   num_classes = int(getattr(label_feature, 'num_classes', 0) or 0)
   names = getattr(label_feature, 'names', None) or [str(i) for i in range(num_classes)]
   image_shape = getattr(features[image_key], 'shape', (None, None, 3))
@@ -335,5 +353,6 @@ def _open_tfds(name: str, split: str, data_dir: str, max_bad_fraction: float,
   src_info = DatasetInfo(name=name, split=resolved, num_examples=num_examples,
                          num_classes=num_classes, class_names=tuple(names), image_size=image_size,
                          location=os.fspath(builder.data_dir))
-  return TfdsImageSource(os.fspath(builder.data_dir), resolved, image_key, label_key, src_info,
-                         max_bad_fraction=max_bad_fraction, min_side=min_side)
+  kind = MultiLabelTfdsSource if multilabel else TfdsImageSource
+  return kind(os.fspath(builder.data_dir), resolved, image_key, label_key, src_info,
+              max_bad_fraction=max_bad_fraction, min_side=min_side)

@@ -288,8 +288,10 @@ class TfdsImageSource(ImageSource):
 
   def _read_labels(self) -> tuple[np.ndarray, dict[int, BaseException]]:
     # The data source skips the image's decoding: its label is all that is parsed of an example.
-    return _labels_in_chunks(len(self),
-                             self._data_source().__getitems__, lambda e: int(e[self._label_key]))
+    return _labels_in_chunks(len(self), self._data_source().__getitems__, self._label_of)
+
+  def _label_of(self, example) -> int:
+    return int(example[self._label_key])
 
   def _read(self, index: int) -> tuple[np.ndarray, int]:
     example = self._data_source()[index]
@@ -302,7 +304,7 @@ class TfdsImageSource(ImageSource):
         raise CorruptRecordError(f'image has dtype {image.dtype} shape {image.shape}')
     else:
       image = decode_image_bytes(bytes(data), self._min_side)
-    return image, int(example[self._label_key])
+    return image, self._label_of(example)
 
   def __getstate__(self):
     state = super().__getstate__()
@@ -313,6 +315,26 @@ class TfdsImageSource(ImageSource):
   def __setstate__(self, state):
     super().__setstate__(state)
     self._open_lock = threading.Lock()
+
+
+class MultiLabelTfdsSource(TfdsImageSource):
+  """A TFDS set whose examples carry a set of labels (PASCAL VOC's ``labels``, a sequence of class
+  labels): ``label_matrix()`` holds them. For the pipelines, which read its images, every
+  example's single label is 0."""
+
+  def _label_of(self, example) -> int:
+    del example
+    return 0
+
+  def label_matrix(self) -> np.ndarray:
+    """``(examples, classes)`` uint8: 1 where the class is among the example's labels."""
+    out = np.zeros((len(self), self.num_classes), np.uint8)
+    read = self._data_source().__getitems__
+    for start in range(0, len(self), 256):
+      rows = read(list(range(start, min(start + 256, len(self)))))
+      for i, example in enumerate(rows):
+        out[start + i, np.asarray(example[self._label_key], np.int64).reshape(-1)] = 1
+    return out
 
 
 class FolderImageSource(ImageSource):
