@@ -10,6 +10,7 @@ flight while it fetches the previous one, so the devices never wait for the host
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Iterator, Sequence
 
 import grain
@@ -155,20 +156,23 @@ def _to_host(tree):
 
 
 def passes(trained: Trained, source, what: Pass, *, batch_size: int | None = None,
-           workers: int | None = None,
-           compiled: Callable | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+           workers: int | None = None, compiled: Callable | None = None,
+           timing: dict | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
   """``(first index, outputs)`` per global batch of ``source`` in order, the padding of the last
   batch dropped: ``outputs`` holds ``probs`` (N, classes), ``label`` (N,) and each layer's (N, d)
   float32 rows, on every process. ``compiled``: ``compile_pass(trained, what)`` shared between
-  passes."""
+  passes. ``timing``: gets ``compile_seconds``, the time the program took to compile (before the
+  first batch, apart from it), which a rate of images/s leaves out."""
   config = trained.config
   mesh = trained.mesh
   if batch_size is None:
     batch_size = int(config.eval_batch_size)
-    if what.scales:  # eval_batch_size views a step (the CPU's convolutions need room per view)
+    # eval_batch_size images a step, whatever the views of each example: ten views of 500
+    # examples take 16 GB on a CPU, mostly the convolutions' buffers.
+    views = (10 if what.views == 'ten' else 1) * max(1, len(what.scales))
+    if views > 1:
       shards = mesh.shape[sharding.DATA]
-      per_step = batch_size // (10 * len(what.scales))
-      batch_size = max(shards, per_step // shards * shards)
+      batch_size = max(shards, batch_size // views // shards * shards)
   sharding.check_batch(batch_size, mesh, 'eval_batch_size')
   fn = compiled or compile_pass(trained, what)
   size = config.model.image_size
@@ -185,7 +189,13 @@ def passes(trained: Trained, source, what: Pass, *, batch_size: int | None = Non
   in_flight = None
   for i, batch in enumerate(ds):
     batch = {k: batch[k] for k in keys if k in batch}
-    out = fn(trained.params, trained.batch_stats, sharding.put_batch(batch, mesh))
+    args = (trained.params, trained.batch_stats, sharding.put_batch(batch, mesh))
+    if i == 0 and hasattr(fn, 'lower'):  # jit's cache: nothing is compiled twice
+      start = time.perf_counter()
+      fn = fn.lower(*args).compile()
+      if timing is not None:
+        timing['compile_seconds'] = time.perf_counter() - start
+    out = fn(*args)
     if in_flight is not None:
       yield _finished(*in_flight, n, batch_size)
     in_flight = (i, out)

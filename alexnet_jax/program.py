@@ -116,7 +116,8 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
     raise ConfigError(f'unknown compute_dtype {config.compute_dtype!r}; '
                       f'choose one of {", ".join(COMPUTE_DTYPES)}')
   dtype = COMPUTE_DTYPES[config.compute_dtype]
-  tx = optim.make_optimizer(config.optim, steps_per_epoch, config.num_epochs)
+  tx = optim.make_optimizer(config.optim, steps_per_epoch, config.num_epochs,
+                            frozen=optim.frozen_layers(config.model, config.init.freeze_through)[1])
 
   abstract_model = nnx.eval_shape(lambda: create_model(config.model, nnx.Rngs(0)))
   graphdef, abstract_vars, abstract_stats = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
@@ -153,5 +154,5 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
                  state_specs=state_specs, state_shardings=state_shardings,
                  abstract_state=abstract_state, init_state=jax.jit(init_fn,
                                                                    out_shardings=state_shardings),
-                 train_step=jax.jit(train, donate_argnums=0), eval_step=jax.jit(evaluate),
-                 norm=norm)
+                 train_step=jax.jit(train,
+                                    donate_argnums=0), eval_step=jax.jit(evaluate), norm=norm)

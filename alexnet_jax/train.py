@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from alexnet_jax import checkpointing, configs, distributed, optim, preemption, sharding
+from alexnet_jax import checkpointing, configs, distributed, optim, preemption, sharding, warm_start
 from alexnet_jax import metrics as metrics_lib
 from alexnet_jax import program as program_lib
 from alexnet_jax.data import inputs as inputs_lib
@@ -155,7 +155,11 @@ def _train(config, workdir, hooks, data, prog, manager, steps_per_epoch: int,
                                     max_drops=config.optim.max_drops)
   restored = checkpointing.restore_latest(manager, prog.abstract_state)
   if restored is None:
-    state = prog.init_state()
+    # A new run: from another run's weights where config.init names a checkpoint (fine-tuning);
+    # a run resuming from its own checkpoints never reads that one again.
+    state, started = warm_start.warm_start(config, prog, prog.init_state())
+    if started is not None:
+      logging.info('%s', started.line())
     val = {}
   else:
     _check_data_position(restored.meta, config, len(data.train_source))
