@@ -150,9 +150,9 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
       out_specs=(state_specs, P()))
   evaluate = sharding.shard_step(steps.make_eval_step(graphdef, ctx, **norm), mesh,
                                  in_specs=(param_specs, stats_specs, batch_specs), out_specs=P())
+  train_step = jax.jit(train, donate_argnums=0)
   return Program(config=config, mesh=mesh, model=abstract_model, graphdef=graphdef, tx=tx,
                  state_specs=state_specs, state_shardings=state_shardings,
                  abstract_state=abstract_state, init_state=jax.jit(init_fn,
                                                                    out_shardings=state_shardings),
-                 train_step=jax.jit(train,
-                                    donate_argnums=0), eval_step=jax.jit(evaluate), norm=norm)
+                 train_step=train_step, eval_step=jax.jit(evaluate), norm=norm)
