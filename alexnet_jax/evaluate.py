@@ -85,6 +85,11 @@ def run(paths: list[str], configs_, *, split: str | None, views: str | None,
         step: int | None = None) -> dict:
   """Evaluates every member and their ensemble; returns the results (``metrics`` of the
   ensemble, and per member its own top-1 / top-5 error and images/s)."""
+  classes = [int(c.model.num_classes) for c in configs_]
+  for path, n in zip(paths, classes):
+    if n != classes[0]:  # told before any member is evaluated, not after
+      raise ConfigError(f'{path} has {n} classes and {paths[0]} {classes[0]}: ensemble members '
+                        'must classify the same classes')
   members, member_probs, labels, class_names = [], [], None, None
   for path, config in zip(paths, configs_):
     config = config.copy_and_resolve_references()
@@ -95,25 +100,24 @@ def run(paths: list[str], configs_, *, split: str | None, views: str | None,
     source = catalog.open_source(config.dataset, split_name, min_side=config.input.resize_to,
                                  progress=jax.process_index() == 0)
     what = inference.Pass(views=config.input.eval_views)
+    timing = {}
     start = time.perf_counter()
-    out = inference.collect(net, source, what)
-    seconds = time.perf_counter() - start
+    out = inference.collect(net, source, what, timing=timing)
+    seconds = time.perf_counter() - start - timing.get('compile_seconds', 0.0)
     if labels is None:
       labels, class_names = out['label'], tuple(source.class_names)
     elif len(out['label']) != len(labels) or not np.array_equal(out['label'], labels):
       raise ConfigError(f'{path} was evaluated on other examples than {paths[0]} '
                         f'({len(out["label"])} against {len(labels)}): ensemble members must '
                         'read the same split of the same data set')
-    if member_probs and out['probs'].shape[1] != member_probs[0].shape[1]:
-      raise ConfigError(f'{path} has {out["probs"].shape[1]} classes and {paths[0]} '
-                        f'{member_probs[0].shape[1]}: ensemble members must classify the same '
-                        'classes')
     m = metrics(out['probs'], labels, out['probs'].shape[1])
     members.append(
         dict(checkpoint=path, step=net.step, epoch=net.epoch, model=config.model.name,
              dataset=config.dataset.name, split=source.info.split, views=config.input.eval_views,
+             mesh=dict(net.mesh.shape), eval_batch_size=int(config.eval_batch_size),
              top1_error=m['top1_error'], top5_error=m['top5_error'],
-             images_per_second=len(labels) / seconds))
+             images_per_second=len(labels) / seconds,
+             compile_seconds=timing.get('compile_seconds')))
     logging.info('%s: top-1 error %.4f, top-5 error %.4f (%d examples, %.1f images/s)', net.name,
                  m['top1_error'], m['top5_error'], len(labels),
                  len(labels) / seconds)
@@ -212,7 +216,7 @@ def main(argv):
   f = flags.FLAGS
   if not f.checkpoint or not f.out:
     raise app.UsageError('--checkpoint=the training workdir(s) and --out=a folder are required')
-  given = None if cli.config_from_checkpoint() else cli.config_or_usage_error()
+  given = None if cli.config_from_checkpoint() else f.config  # None: each stores its own
   cli.writable_directory(f.out, '--out')
   for path in f.checkpoint:
     if not storage.is_local(path):

@@ -103,21 +103,22 @@ def extract(net: trained.Trained, source, what: inference.Pass, out_dir: str, *,
   }
   labels = np.zeros(n, np.int32)
   widths = {}
+  timing = {}
   start_time = time.perf_counter()
-  for start, out in inference.passes(net, source, what):
+  for start, out in inference.passes(net, source, what, timing=timing):
     labels[start:start + len(out['label'])] = out['label']
     for layer, w in writers.items():
       block = l2_normalise(out[layer]) if descriptor else out[layer]
       widths[layer] = int(block.shape[1])
       if writing:
         w.write(block)
-  seconds = time.perf_counter() - start_time
+  seconds = time.perf_counter() - start_time - timing.get('compile_seconds', 0.0)
   layer_files = {layer: dict(file=f'{layer}.npy', width=widths.get(layer, 0)) for layer in writers}
   meta = dict(checkpoint=net.path, step=net.step, model=net.config.model.name,
               dataset=net.config.dataset.name, split=source.info.split, count=n, layers=layer_files,
               pool=what.pool, views=what.views, scales=list(what.scales), descriptor=descriptor,
               dtype=dtype, class_names=list(source.class_names), images_per_second=n / seconds,
-              **(extra_meta or {}))
+              compile_seconds=timing.get('compile_seconds'), **(extra_meta or {}))
   if writing:
     for w in writers.values():
       w.close()
@@ -216,8 +217,7 @@ def main(argv):
   f = flags.FLAGS
   if not f.checkpoint or not f.out:
     raise app.UsageError('--checkpoint=the training workdir and --out=a folder are required')
-  given = None if cli.config_from_checkpoint() else cli.config_or_usage_error()
-  config = trained.config_for(f.checkpoint, f.step, given if given is not None else f.config)
+  config = cli.checkpoint_config(f.checkpoint, f.step)
   cli.writable_directory(f.out, '--out')
   distributed.initialize(config)
   cli.quiet_orbax_info()
