@@ -59,10 +59,12 @@ class Pool:
         for s in splits
     ]
     num_classes = opened[0].num_classes
-    for c in classes:
+    for i, c in enumerate(classes):
       if not 0 <= c < num_classes:
         raise ConfigError(f'--classes: {c} is not a class of {data_cfg.name} (0..'
                           f'{num_classes - 1})')
+      if c in classes[:i]:
+        raise ConfigError(f'--classes names class {c} twice: give each class once')
     keep = np.asarray(classes if classes else range(num_classes), np.int64)
     self.records = []  # (split, record index) of each pooled example, in order
     parts = []
@@ -76,6 +78,20 @@ class Pool:
     self.class_names = tuple(self.source.class_names)
     self.splits = splits
     self.classes = tuple(int(c) for c in keep) if classes else ()
+
+  def check_per_class(self, per_class: int) -> None:
+    """Refuses (``ConfigError``) an N that leaves a class without a test image, naming the class
+    as the data set does."""
+    counts = np.bincount(self.labels, minlength=self.num_classes)
+    short = [k for k in range(self.num_classes) if counts[k] <= per_class]
+    if short:
+      k = short[0]
+      index = self.classes[k] if self.classes else k
+      others = f' ({len(short) - 1} other classes too)' if len(short) > 1 else ''
+      raise ConfigError(
+          f'--per_class={per_class} leaves no test image of class {index} '
+          f'({self.class_names[k]!r}), which has {counts[k]} images in '
+          f'{"+".join(self.splits)}{others}: at most --per_class={int(counts.min()) - 1} works')
 
   def subset(self, indices) -> dict[str, list[int]]:
     """Pooled rows → ``{split of the data set: [record indices]}`` (``dataset.subset_file``)."""
@@ -290,6 +306,8 @@ def run(checkpoint: str, config, *, data: str | None, data_dir: str | None, spli
   pool_ = Pool(transfer_dataset(config, data, data_dir), splits, classes,
                min_side=config.input.resize_to)
   # Every split is drawn before anything is computed: an N too large for a class ends here.
+  for n in per_class:
+    pool_.check_per_class(n)
   draw = lambda n: probes.draw_splits(pool_.labels, n, num_splits, seed, max_test_per_class)
   splits_by_n = {n: draw(n) for n in per_class}
   start = time.perf_counter()
@@ -330,6 +348,10 @@ def run_multilabel(checkpoint: str, config, *, data: str | None, data_dir: str |
   fixed features of the images of ``splits``, the average precision of each class on
   ``test_split`` (VOC 2012's test labels are not public: its validation split), and their
   mean."""
+  for kind in classifiers:
+    if kind not in probes.CLASSIFIERS:
+      raise ConfigError(f'--classifiers: unknown classifier {kind!r}; choose from '
+                        f'{", ".join(probes.CLASSIFIERS)}')
   net = trained.load(config, checkpoint, step)
   layers = list(layers) or [inference.penultimate_layer(net.program.model)]
   inference.check_layers(net.program.model, layers)

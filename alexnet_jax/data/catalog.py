@@ -294,8 +294,18 @@ def _tfds_prepare_hint(name: str, data_dir: str) -> str:
 def open_multilabel(dataset_cfg, split: str, *, label_key: str = 'labels',
                     min_side: int | None = None) -> MultiLabelTfdsSource:
   """One split of a multi-label TFDS set (PASCAL VOC: ``voc/2012``, whose ``labels`` feature is the
-  sequence of the classes an image shows), with its label matrix."""
+  sequence of the classes an image shows), with its label matrix.
+
+  Raises:
+    ConfigError: the set is the built-in set or a prepared folder (single-label sets).
+    DatasetNotFoundError: as ``open_source``; a TFDS set without the multi-label feature.
+  """
   data_dir = os.path.expanduser(str(dataset_cfg.data_dir or default_data_dir()))
+  name = dataset_cfg.name
+  if name == builtin.NAME or os.path.isfile(os.path.join(data_dir, str(name), 'metadata.json')):
+    raise ConfigError(f'{name!r} is a single-label data set (one class per image): the '
+                      f'multi-label protocol needs a TFDS set with a {label_key!r} feature, a '
+                      'sequence of class labels (PASCAL VOC: voc/2012)')
   return _open_tfds(dataset_cfg.name, split, data_dir, float(dataset_cfg.max_bad_fraction),
                     min_side, label_key=label_key)
 
@@ -333,6 +343,10 @@ def _open_tfds(name: str, split: str, data_dir: str, max_bad_fraction: float,
       isinstance(k, str) for k in info.supervised_keys[:2]):
     image_key, label_key = info.supervised_keys[:2]
   features = info.features
+  if multilabel and image_key in features and label_key not in features:
+    raise DatasetNotFoundError(
+        f'TFDS data set {name!r} has no {label_key!r} feature (it has '
+        f'{sorted(features.keys())}): it is not a multi-label set (PASCAL VOC is: voc/2012)')
   if image_key not in features or label_key not in features:
     raise DatasetNotFoundError(
         f'TFDS data set {name!r} has no ({image_key!r}, {label_key!r}) features '
