@@ -286,6 +286,19 @@ def write(result: dict, out_dir: str) -> str:
   return rep.finish()
 
 
+def _network_and_layers(checkpoint: str, config, step, classifiers, layers):
+  """The pretrained network and the layers to probe (default: its last hidden one), the
+  classifiers' names checked first (before anything is loaded)."""
+  for kind in classifiers:
+    if kind not in probes.CLASSIFIERS:
+      raise ConfigError(f'--classifiers: unknown classifier {kind!r}; choose from '
+                        f'{", ".join(probes.CLASSIFIERS)}')
+  net = trained.load(config, checkpoint, step)
+  layers = list(layers) or [inference.penultimate_layer(net.program.model)]
+  inference.check_layers(net.program.model, layers)
+  return net, layers
+
+
 def run(checkpoint: str, config, *, data: str | None, data_dir: str | None, splits: list[str],
         classes: tuple[int, ...], per_class: list[int], num_splits: int,
         max_test_per_class: int | None, layers: list[str], pool: str, classifiers: list[str],
@@ -296,13 +309,7 @@ def run(checkpoint: str, config, *, data: str | None, data_dir: str | None, spli
     if kind not in BASELINES:
       raise ConfigError(f'--baselines: unknown baseline {kind!r}; choose from '
                         f'{", ".join(BASELINES)}')
-  for kind in classifiers:
-    if kind not in probes.CLASSIFIERS:
-      raise ConfigError(f'--classifiers: unknown classifier {kind!r}; choose from '
-                        f'{", ".join(probes.CLASSIFIERS)}')
-  net = trained.load(config, checkpoint, step)
-  layers = list(layers) or [inference.penultimate_layer(net.program.model)]
-  inference.check_layers(net.program.model, layers)
+  net, layers = _network_and_layers(checkpoint, config, step, classifiers, layers)
   pool_ = Pool(transfer_dataset(config, data, data_dir), splits, classes,
                min_side=config.input.resize_to)
   # Every split is drawn before anything is computed: an N too large for a class ends here.
@@ -348,13 +355,7 @@ def run_multilabel(checkpoint: str, config, *, data: str | None, data_dir: str |
   fixed features of the images of ``splits``, the average precision of each class on
   ``test_split`` (VOC 2012's test labels are not public: its validation split), and their
   mean."""
-  for kind in classifiers:
-    if kind not in probes.CLASSIFIERS:
-      raise ConfigError(f'--classifiers: unknown classifier {kind!r}; choose from '
-                        f'{", ".join(probes.CLASSIFIERS)}')
-  net = trained.load(config, checkpoint, step)
-  layers = list(layers) or [inference.penultimate_layer(net.program.model)]
-  inference.check_layers(net.program.model, layers)
+  net, layers = _network_and_layers(checkpoint, config, step, classifiers, layers)
   data_cfg = transfer_dataset(config, data, data_dir)
   opened = [catalog.open_multilabel(data_cfg, s, min_side=config.input.resize_to) for s in splits]
   test = catalog.open_multilabel(data_cfg, test_split, min_side=config.input.resize_to)
