@@ -177,17 +177,31 @@ def training_statistics(config):
   return inputs.input_statistics(config, source)
 
 
-def load(config, path: str, step: int | None = None, *, mesh=None) -> Trained:
-  """The network of ``config`` with the parameters of checkpoint ``step`` (default: the latest)
-  of ``path``, on ``mesh`` (default: ``config.mesh``)."""
+def _program(config, mesh):
   configs.check_fields(config)
   config = inference_config(config)
-  step = resolve_step(path, step)
   if mesh is None:
     mesh = program_lib.make_mesh(config)
   program_lib.check_batch(config, mesh, 'eval_batch_size')
-  prog = program_lib.build_program(config, steps_per_epoch=1, mesh=mesh,
-                                   input_stats=training_statistics(config))
+  return config, program_lib.build_program(config, steps_per_epoch=1, mesh=mesh,
+                                           input_stats=training_statistics(config))
+
+
+def random_init(config, *, mesh=None) -> Trained:
+  """The network of ``config`` as training starts it (its initialiser, ``config.seed``), untrained:
+  the baseline that tells what training added to the features."""
+  config, prog = _program(config, mesh)
+  state = prog.init_state()
+  return Trained(config=config, program=prog, params=state.params, batch_stats=state.batch_stats,
+                 step=0, epoch=None, path=f'random init (seed {config.seed})', meta={})
+
+
+def load(config, path: str, step: int | None = None, *, mesh=None) -> Trained:
+  """The network of ``config`` with the parameters of checkpoint ``step`` (default: the latest)
+  of ``path``, on ``mesh`` (default: ``config.mesh``)."""
+  configs.check_fields(config)  # a bad config is reported before a missing checkpoint
+  step = resolve_step(path, step)
+  config, prog = _program(config, mesh)
   with read_only_manager(path) as manager:
     restored = checkpointing.restore(manager, step, prog.abstract_state)
   return Trained(config=config, program=prog, params=restored.state.params,

@@ -2,7 +2,7 @@
 
     python -m alexnet_jax.transfer --checkpoint=PRETRAINED --data=caltech101 --splits=train,test \
         --out=DIR [--per_class=15,30] [--num_splits=5] [--layers=fc7] [--classifiers=softmax,svm] \
-        [--baselines=scratch,finetune --baseline_epochs=N]
+        [--baselines=random,scratch,finetune --baseline_epochs=N]
 
 The pretrained network's layers up to the named one are kept fixed: their activations (features,
 ``inference``) for every image of the pooled ``--splits`` of the transfer data set are computed
@@ -13,8 +13,10 @@ seeded splits: mean ± standard deviation over the splits of the mean per-class 
 papers' baselines are ordinary training runs of ``main`` on the same splits, each in its own
 workdir under ``DIR/baselines`` (so an interrupted protocol resumes where it stopped): the same
 network trained from scratch ("non-pretrained"), and fine-tuned from the checkpoint
-(``config.init``). Writes ``results.json``, ``results.md`` (laid out like the paper's Tables 4, 5
-and 7, its numbers beside ours), ``accuracy_vs_n.png`` (the paper's Fig. 9) and ``index.html``.
+(``config.init``). A third baseline costs no training: the same network at its random
+initialisation, its features probed exactly as the pretrained ones (what pretraining added).
+Writes ``results.json``, ``results.md`` (laid out like the paper's Tables 4, 5 and 7, its numbers
+beside ours), ``accuracy_vs_n.png`` (the paper's Fig. 9) and ``index.html``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from alexnet_jax import cli, distributed, inference, paper, probes, report, stor
 from alexnet_jax.data import catalog, sources
 from alexnet_jax.errors import ConfigError
 
-BASELINES = ('scratch', 'finetune')
+# 'random' probes the untrained network's features; the others are training runs.
+BASELINES = ('random', 'scratch', 'finetune')
+TRAINED_BASELINES = ('scratch', 'finetune')
 
 
 def transfer_dataset(config, name: str | None, data_dir: str | None):
@@ -209,6 +213,10 @@ def markdown(result: dict) -> str:
     name = 'softmax' if kind == 'softmax' else 'linear SVM'
     rows.append([f'ours: pretrained, {name} on {main_layer}'] +
                 [_cell(r['by_n'].get(str(n))) for n in ns])
+  for kind, r in (result.get('random_init') or {}).get(main_layer, {}).items():
+    name = 'softmax' if kind == 'softmax' else 'linear SVM'
+    rows.append([f'ours: random init, {name} on {main_layer}'] +
+                [_cell(r['by_n'].get(str(n))) for n in ns])
   names = dict(scratch='ours: trained from scratch on the splits',
                finetune='ours: fine-tuned from the checkpoint')
   for kind, by_n in result['baselines'].items():
@@ -230,7 +238,10 @@ def markdown(result: dict) -> str:
   if len(result['probes']) > 1:
     n = ns[-1]
     kinds = list(next(iter(result['probes'].values())))
+    random_init = result.get('random_init') or {}
     header = ['layer', *[f'ours: {k}' for k in kinds]]
+    if random_init:
+      header += [f'ours: random init, {k}' for k in kinds]
     paper_n = {'caltech101': 30, 'caltech256': 60}
     key = result['dataset'].lower().replace('_', '').replace('-', '').split('/')[0]
     column = paper.PER_LAYER_DATA.index(key) if key in paper.PER_LAYER_DATA else None
@@ -239,6 +250,8 @@ def markdown(result: dict) -> str:
     rows = []
     for layer, by_kind in result['probes'].items():
       row = [layer] + [_cell(by_kind[k]['by_n'].get(str(n))) for k in kinds]
+      if random_init:
+        row += [_cell(random_init[layer][k]['by_n'].get(str(n))) for k in kinds]
       if column is not None:
         number = paper.layer_number(layer)
         row += [(paper.PER_LAYER.get((k, number)) or (None, None))[column] for k in kinds]
@@ -257,6 +270,8 @@ def plot(result: dict) -> Figure:
   ax = fig.subplots()
   layer = result['main_layer']
   series = [(f'pretrained, {k} on {layer}', r['by_n']) for k, r in result['probes'][layer].items()]
+  series += [(f'random init, {k} on {layer}', r['by_n'])
+             for k, r in (result.get('random_init') or {}).get(layer, {}).items()]
   series += [(kind, by_n) for kind, by_n in result['baselines'].items()]
   for label, by_n in series:
     xs = [n for n in ns if str(n) in by_n]
@@ -284,6 +299,27 @@ def write(result: dict, out_dir: str) -> str:
   rep.figure(plot(result), 'accuracy_vs_n.png',
              "Mean per-class accuracy against training images per class (the paper's Fig. 9).")
   return rep.finish()
+
+
+def probe_network(net: trained.Trained, pool_: Pool, splits_by_n: dict, layers: list[str],
+                  pool: str, classifiers: list[str], *, l2: float, svm_c: float):
+  """Every classifier on every layer's features of ``net``, for every N and split:
+  ``({layer: {kind: {'by_n': {N: result}}}}, labels, seconds the features took)``."""
+  start = time.perf_counter()
+  feats = inference.collect(
+      net, pool_.source,
+      inference.Pass(views='center', layers=tuple(layers), pool=pool, probabilities=False))
+  feature_seconds = time.perf_counter() - start
+  labels = feats.pop('label').astype(np.int64)
+  if not np.array_equal(labels, pool_.labels):
+    raise RuntimeError('the features came back in another order than the pool')
+  per_layer = {}
+  for n, splits_n in splits_by_n.items():
+    r = probe_results(feats, labels, splits_n, classifiers, pool_.num_classes, l2=l2, svm_c=svm_c)
+    for layer, by_kind in r.items():
+      for kind, value in by_kind.items():
+        per_layer.setdefault(layer, {}).setdefault(kind, dict(by_n={}))['by_n'][str(n)] = value
+  return per_layer, labels, feature_seconds
 
 
 def _network_and_layers(checkpoint: str, config, step, classifiers, layers):
@@ -317,28 +353,22 @@ def run(checkpoint: str, config, *, data: str | None, data_dir: str | None, spli
     pool_.check_per_class(n)
   draw = lambda n: probes.draw_splits(pool_.labels, n, num_splits, seed, max_test_per_class)
   splits_by_n = {n: draw(n) for n in per_class}
-  start = time.perf_counter()
-  feats = inference.collect(
-      net, pool_.source,
-      inference.Pass(views='center', layers=tuple(layers), pool=pool, probabilities=False))
-  feature_seconds = time.perf_counter() - start
-  labels = feats.pop('label').astype(np.int64)
-  if not np.array_equal(labels, pool_.labels):
-    raise RuntimeError('the features came back in another order than the pool')
-  per_layer = {}
-  for n, splits_n in splits_by_n.items():
-    r = probe_results(feats, labels, splits_n, classifiers, pool_.num_classes, l2=l2, svm_c=svm_c)
-    for layer, by_kind in r.items():
-      for kind, value in by_kind.items():
-        per_layer.setdefault(layer, {}).setdefault(kind, dict(by_n={}))['by_n'][str(n)] = value
-  base = baseline_results(config, pool_, splits_by_n, baselines, out_dir, checkpoint,
+  per_layer, labels, feature_seconds = probe_network(net, pool_, splits_by_n, layers, pool,
+                                                     classifiers, l2=l2, svm_c=svm_c)
+  random_init = None
+  if 'random' in baselines:
+    random_init, _, _ = probe_network(trained.random_init(config, mesh=net.mesh), pool_,
+                                      splits_by_n, layers, pool, classifiers, l2=l2, svm_c=svm_c)
+  base = baseline_results(config, pool_, splits_by_n,
+                          [k for k in baselines if k in TRAINED_BASELINES], out_dir, checkpoint,
                           baseline_epochs)
   return dict(checkpoint=checkpoint, step=net.step, model=config.model.name,
               dataset=pool_.data_cfg.name, splits=splits, classes=list(pool_.classes),
               class_names=list(pool_.class_names), num_classes=pool_.num_classes,
               examples=len(labels), per_class=list(per_class), num_splits=num_splits,
               max_test_per_class=max_test_per_class, seed=seed, layers=layers, pool=pool,
-              main_layer=layers[-1], l2=l2, svm_c=svm_c, probes=per_layer,
+              main_layer=layers[-1], l2=l2, svm_c=svm_c, probes=per_layer, random_init=random_init,
+              random_seed=config.seed if random_init else None,
               baselines={k: {str(n): v for n, v in by_n.items()} for k, by_n in base.items()
                         }, feature_seconds=feature_seconds,
               feature_images_per_second=len(labels) / feature_seconds)
@@ -457,7 +487,9 @@ def _define_flags():
   flags.DEFINE_enum('pool', 'none', list(inference.POOLS), 'Conv maps: flattened (none) or their '
                     'spatial max / mean per map.')
   flags.DEFINE_list('classifiers', ['softmax'], 'softmax and/or svm (needs scikit-learn).')
-  flags.DEFINE_list('baselines', [], 'scratch and/or finetune: training runs on the same splits.')
+  flags.DEFINE_list(
+      'baselines', [], "random (the untrained network's features, same probes), scratch "
+      'and/or finetune (training runs on the same splits).')
   flags.DEFINE_integer('baseline_epochs', 30, 'Epochs of each baseline run.', lower_bound=1)
   flags.DEFINE_float('l2', 1e-3, "The softmax's L2 penalty (mean loss + l2/2 |W|²).", lower_bound=0)
   flags.DEFINE_float('svm_c', 1.0, "The SVM's C.", lower_bound=0)
