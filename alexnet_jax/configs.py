@@ -100,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
           flip=True,
           pca_lighting_std=0.1,
           eval_views='ten',
+          # The order in which the network reads its input's colour channels: 'rgb', or 'bgr' for
+          # networks trained with OpenCV-decoded images (Caffe's model zoo). Images travel as RGB
+          # and mean_rgb / std_rgb are per R, G, B whatever the order; normalisation reorders.
+          channel_order='rgb',
           # How training input workers share the CPU with the steps
           # (data.pipeline.WORKER_PRIORITIES): 'normal', 'low' (nice 19) or 'idle' (SCHED_IDLE:
           # only the cycles the compute leaves idle;
@@ -347,6 +351,7 @@ MODEL_RANGES = {
     'remove': Range('[1, inf)', sequence=True),
     'depth': _POSITIVE,
     'bn_momentum': _FRACTION,
+    'lrn_k': _ABOVE_ZERO,  # LRN's additive constant (AlexNet, GoogLeNet)
 }
 
 # The string fields that name one of a few options, and their options. Their owners: optim
@@ -357,6 +362,7 @@ CHOICES = {
     'compute_dtype': ('float32', 'bfloat16'),
     'optim.schedule': ('plateau', 'step', 'cosine'),
     'input.eval_views': ('ten', 'center'),
+    'input.channel_order': ('rgb', 'bgr'),
     'input.worker_priority': ('normal', 'low', 'idle'),
     'init.classifier': ('auto', 'copy', 'reset'),
 }

@@ -140,7 +140,8 @@ def build_program(config, *, steps_per_epoch: int, mesh: jax.sharding.Mesh | Non
                                 jax.eval_shape(init_fn), state_shardings)
   ctx = sharding.MeshContext()
   norm = dict(mean_rgb=tuple(config.input.mean_rgb), std_rgb=tuple(config.input.std_rgb),
-              compute_dtype=dtype, **input_constants(config, input_stats))
+              channel_order=config.input.channel_order, compute_dtype=dtype,
+              **input_constants(config, input_stats))
   # Every array of a batch (image, label, and the pipeline's crop / alpha / mask) is split over
   # the data axis along its first dimension: one spec, a prefix of whatever keys the batch has.
   batch_specs = P(sharding.DATA)

@@ -7,7 +7,9 @@ two GPUs). Parameters declare logical axes in flax's sharding metadata (``out_sh
 ``MeshContext`` performs explicitly:
 
 * ``gather`` — the towers' maps, all-gathered over ``model`` (conv3, fc6, fc7, fc8 only;
-  the backward pass is its reduce-scatter);
+  the backward pass is its reduce-scatter; with ``model.lrn_across_towers`` also conv1's and
+  conv2's maps for their response normalisation, whose ``own_maps`` then takes this device's
+  share back without a transfer);
 * ``own_examples`` / ``all_examples`` — the hybrid AlexNet's switch from data to model parallelism:
   each model-axis device convolves its share of the batch, and the shares are all-gathered before
   fc6 (backward: reduce-scattered);
@@ -174,6 +176,15 @@ class MeshContext:
   def all_examples(self, x: jax.Array) -> jax.Array:
     """The model axis' batch shares gathered back into the data shard's batch."""
     return jax.lax.all_gather(x, self.model_axis, axis=0, tiled=True)
+
+  def own_maps(self, x_all: jax.Array, local_towers: int) -> jax.Array:
+    """``(*dims, towers * c)`` → ``(local_towers, *dims, c)``: this device's towers' maps out of
+    all towers' (tower-major, as ``gather`` lays them out; no transfer)."""
+    per_device = x_all.shape[-1] // jax.lax.axis_size(self.model_axis)
+    mine = jax.lax.dynamic_slice_in_dim(x_all,
+                                        jax.lax.axis_index(self.model_axis) * per_device,
+                                        per_device, axis=-1)
+    return jnp.stack(jnp.split(mine, local_towers, axis=-1))
 
   def first_tower(self, local_towers: int) -> jax.Array:
     """Global index of this device's first tower."""

@@ -30,14 +30,15 @@ class TrainState:
 
 
 def normalize(images: jax.Array, mean_rgb, std_rgb, dtype, *, mean_image=None, crop=None,
-              alpha=None, pca_basis=None) -> jax.Array:
+              alpha=None, pca_basis=None, channel_order: str = 'rgb') -> jax.Array:
   """uint8 NHWC → ``dtype``, normalised on the device (the host ships uint8: 4× less traffic).
 
   ``(image + PCA shift − mean) / std_rgb`` where the mean is ``mean_rgb``, or with ``mean_image``
   (S, S, 3) the window of it each crop came from: ``crop`` (N, 3) = (top, left, flipped) as the
   host pipeline reports it (``data.augment``); without ``crop`` the central window. The PCA
   shift is ``pca_basis @ alpha`` per image (``pca_basis``: eigenvectors as columns scaled by the
-  square roots of the eigenvalues; ``alpha`` (N, 3)), added to every pixel.
+  square roots of the eigenvalues; ``alpha`` (N, 3)), added to every pixel. ``channel_order``
+  'bgr' then reverses the channels, for networks that read B, G, R (``config.input``).
   """
   x = images.astype(jnp.float32)
   if pca_basis is not None and alpha is not None:
@@ -49,7 +50,10 @@ def normalize(images: jax.Array, mean_rgb, std_rgb, dtype, *, mean_image=None, c
     x = x - mean_windows(jnp.asarray(mean_image, jnp.float32), crop, images.shape[0],
                          images.shape[1])
   inv_std = 1.0 / jnp.asarray(std_rgb, jnp.float32)
-  return (x * inv_std).astype(dtype)
+  x = x * inv_std
+  if channel_order == 'bgr':
+    x = x[..., ::-1]
+  return x.astype(dtype)
 
 
 def mean_windows(mean_image: jax.Array, crop, n: int, size: int) -> jax.Array:
@@ -136,19 +140,21 @@ def normalize_batch(batch, norm: dict, dtype, *, train: bool) -> jax.Array:
   images = batch['image']
   return normalize(images, norm['mean_rgb'], norm['std_rgb'], dtype,
                    mean_image=norm.get('mean_image'), crop=batch.get('crop'),
-                   alpha=batch.get('alpha') if train else None, pca_basis=norm.get('pca_basis'))
+                   alpha=batch.get('alpha') if train else None, pca_basis=norm.get('pca_basis'),
+                   channel_order=norm.get('channel_order', 'rgb'))
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ctx: MeshContext, *,
                     mean_rgb, std_rgb, compute_dtype=jnp.float32, mean_image=None, pca_basis=None,
-                    aux_loss_weight: float = 0.0) -> Callable:
+                    channel_order: str = 'rgb', aux_loss_weight: float = 0.0) -> Callable:
   """``(state, batch) → (state, metrics)`` for one device's share of the batch.
 
   ``mean_image`` / ``pca_basis`` switch on the paper's mean-image subtraction and PCA colour
   shift (see ``normalize``); the batch then carries ``crop`` / ``alpha``. ``aux_loss_weight``: the
   model's (``Classifier.aux_loss_weight``); > 0 adds its auxiliary classifiers' losses to the
   objective, which the metrics then report beside the loss."""
-  norm = dict(mean_rgb=mean_rgb, std_rgb=std_rgb, mean_image=mean_image, pca_basis=pca_basis)
+  norm = dict(mean_rgb=mean_rgb, std_rgb=std_rgb, mean_image=mean_image, pca_basis=pca_basis,
+              channel_order=channel_order)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     images = normalize_batch(batch, norm, compute_dtype, train=True)
@@ -193,14 +199,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ct
 
 
 def make_eval_step(graphdef: nnx.GraphDef, ctx: MeshContext, *, mean_rgb, std_rgb,
-                   compute_dtype=jnp.float32, mean_image=None, pca_basis=None) -> Callable:
+                   compute_dtype=jnp.float32, mean_image=None, pca_basis=None,
+                   channel_order: str = 'rgb') -> Callable:
   """``(params, batch_stats, batch) → sums`` of loss, top-1 / top-5 mistakes and examples over the
   global batch; ``batch['mask']`` marks the padding of a last, partial batch. Batch norm uses the
   running averages ``batch_stats``; auxiliary classifiers are not run. Images
   ``(batch, views, H, W, 3)`` (the paper's 10 views) are classified by their softmax averaged over
   the views."""
   del pca_basis  # colour shifts are a training augmentation
-  norm = dict(mean_rgb=mean_rgb, std_rgb=std_rgb, mean_image=mean_image)
+  norm = dict(mean_rgb=mean_rgb, std_rgb=std_rgb, mean_image=mean_image,
+              channel_order=channel_order)
 
   def eval_step(params, batch_stats, batch: dict[str, jax.Array]):
     views = batch['image'].shape[1] if batch['image'].ndim == 5 else 1

@@ -12,6 +12,13 @@ fc is followed by ReLU (except the classifiers' last fc).
 
 The paper gives no initialisation (it trained on DistBelief); ``init='xavier'`` is that of the
 reference Caffe model (bvlc_googlenet: variance 1/fan_in, biases 0.2), ``'he'`` N(0, 2/fan_in).
+
+Caffe's bvlc_googlenet is this network with ``lrn_k=1, lrn_alpha_divided_by_n=True`` at 224
+inputs. At other sizes two of its poolings differ from this model's: Caffe rounds the auxiliary
+heads' 5/3 average pool up, where this model rounds down (the same where (4a's size − 5) is a
+multiple of 3, as 14 at 224 is), and its final 7×7/1 average pool is this model's global mean
+only where stage 5 is 7×7. Caffe's auxiliary fc layers (loss*/fc) read their 4×4×128 maps
+flattened (c, h, w), these (h, w, c): an importer permutes those kernels' columns.
 """
 
 from __future__ import annotations
@@ -55,6 +62,10 @@ class GoogLeNetSpec:
   dropout: float = 0.4
   aux_dropout: float = 0.7
   init: str = 'xavier'
+  # LRN as the paper's AlexNet defines it (k=2, alpha on the plain sum); Caffe's bvlc_googlenet
+  # uses k=1 and alpha divided by the window size n=5 (its LRN layer's convention).
+  lrn_k: float = 2.0
+  lrn_alpha_divided_by_n: bool = False
 
   towers: ClassVar[int] = 1  # one dense tower
   splits_batch_over_towers: ClassVar[bool] = False
@@ -156,6 +167,10 @@ class GoogLeNet(Classifier):
     self.layer_names = ('conv1', 'conv2_reduce', 'conv2', *('inception' + n for n in INCEPTION),
                         'fc')
 
+  def _lrn(self, x):
+    return layers.local_response_norm(x, k=self.spec.lrn_k,
+                                      alpha_divided_by_n=self.spec.lrn_alpha_divided_by_n)
+
   def __call__(self, images: jax.Array, *, train: bool = False,
                dropout_key: jax.Array | None = None, exchange: TowerExchange = LOCAL_TOWERS,
                gather_logits: bool = True, capture: bool = False,
@@ -173,14 +188,14 @@ class GoogLeNet(Classifier):
     with jax.named_scope('conv1'):
       x = relu(self.conv1(images))
       keep('conv1', x)
-      x = layers.local_response_norm(ceil_pool(x))
+      x = self._lrn(ceil_pool(x))
     with jax.named_scope('conv2_reduce'):
       x = relu(self.conv2_reduce(x))
       keep('conv2_reduce', x)
     with jax.named_scope('conv2'):
       x = relu(self.conv2(x))
       keep('conv2', x)
-      x = layers.local_response_norm(x)
+      x = self._lrn(x)
     aux = []
     for name in INCEPTION:
       with jax.named_scope('inception' + name):

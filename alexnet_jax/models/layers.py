@@ -44,6 +44,11 @@ class TowerExchange(Protocol):
     """The towers' batch shares joined again, batch-major (the switch to model parallelism)."""
     ...
 
+  def own_maps(self, x_all: jax.Array, local_towers: int) -> jax.Array:
+    """``(*dims, towers * c)`` → ``(local_towers, *dims, c)``: the inverse of ``gather``, the maps
+    of the towers held here from a computation over all towers' maps (``lrn_across_towers``)."""
+    ...
+
 
 class LocalTowers:
   """All towers are in the array at hand: gathering them is a concatenation; the whole batch is
@@ -60,6 +65,9 @@ class LocalTowers:
 
   def all_examples(self, x: jax.Array) -> jax.Array:
     return x
+
+  def own_maps(self, x_all: jax.Array, local_towers: int) -> jax.Array:
+    return jnp.stack(jnp.split(x_all, local_towers, axis=-1))
 
 
 LOCAL_TOWERS = LocalTowers()
@@ -388,6 +396,28 @@ def avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
   dims = (1,) * (x.ndim - 3) + (window, window, 1)
   strides = (1,) * (x.ndim - 3) + (stride, stride, 1)
   return jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, 'VALID') / (window * window)
+
+
+def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
+  """``torch.nn.AdaptiveAvgPool2d(size)`` of NHWC maps (any leading axes): output ``i`` averages
+  input rows ``floor(i·h / size)`` to ``ceil((i + 1)·h / size)`` (exclusive), likewise columns;
+  windows overlap where ``h`` is not a multiple of ``size`` and repeat rows where ``h < size``.
+  Identity (and no work) where the maps already have that size."""
+  *_, h, w, _ = x.shape
+  if (h, w) == (size, size):
+    return x
+
+  def weights(n: int) -> np.ndarray:
+    # Row i of the matrix averages its window: the pooling is two small matmuls, whose gradient
+    # is the same matmuls transposed.
+    m = np.zeros((size, n), np.float32)
+    for i in range(size):
+      lo, hi = (i * n) // size, -(-((i + 1) * n) // size)
+      m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+  rows, cols = (jnp.asarray(weights(n), x.dtype) for n in (h, w))
+  return jnp.einsum('...hwc,ih,jw->...ijc', x, rows, cols)
 
 
 class BatchNorm(nnx.Module):

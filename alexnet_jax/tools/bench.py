@@ -49,7 +49,8 @@ def bare_step(graphdef, config, dtype, batch_stats=None, aux_loss_weight: float 
 
   def step(state, batch):
     params, velocity, key = state
-    images = normalize(batch['image'], config.input.mean_rgb, config.input.std_rgb, dtype)
+    images = normalize(batch['image'], config.input.mean_rgb, config.input.std_rgb, dtype,
+                       channel_order=config.input.channel_order)
 
     def loss_fn(p):
       model = nnx.merge(graphdef, p, batch_stats or {})

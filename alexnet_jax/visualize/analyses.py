@@ -46,7 +46,8 @@ def check_layers(net: Network, layers: list[str]) -> list[str]:
 
 
 def first_layer_filters(net: Network) -> np.ndarray:
-  """``(maps, kh, kw, 3)``: the filters that read the image, towers concatenated."""
+  """``(maps, kh, kw, 3)``: the filters that read the image, towers concatenated, their colour
+  channels R, G, B whatever order the network reads them in (``config.input.channel_order``)."""
   first = next(iter(all_layers(net)))
   candidates = []
   for path, x in jax.tree.flatten_with_path(net.params)[0]:
@@ -58,6 +59,8 @@ def first_layer_filters(net: Network) -> np.ndarray:
   kernel = np.asarray(min(candidates, key=lambda c: c[:2])[2])
   if kernel.ndim == 5:  # (towers, kh, kw, 3, per_tower) → (kh, kw, 3, maps), tower-major
     kernel = np.concatenate(list(kernel), axis=-1)
+  if net.config.input.channel_order == 'bgr':
+    kernel = kernel[..., ::-1, :]
   return np.moveaxis(kernel, -1, 0)
 
 

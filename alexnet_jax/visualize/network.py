@@ -54,15 +54,16 @@ def _bucket(n: int, devices: int, cap: int) -> int:
   return min(devices * per_device, cap)
 
 
-def normalizer(mean_rgb, std_rgb,
-               mean_image: np.ndarray | None = None) -> Callable[[jax.Array], jax.Array]:
+def normalizer(mean_rgb, std_rgb, mean_image: np.ndarray | None = None,
+               channel_order: str = 'rgb') -> Callable[[jax.Array], jax.Array]:
   """uint8-valued images → the model's input, as evaluation normalises them: minus the central
   window of the training set's ``mean_image`` when the network was trained on mean-image-subtracted
-  pixels, else minus ``mean_rgb``; then divided by ``std_rgb``. Closes over these constants only
+  pixels, else minus ``mean_rgb``; then divided by ``std_rgb`` (and reordered to the network's
+  ``channel_order``). Closes over these constants only
   (not a network), so the compiled functions keep no parameters alive."""
   mean_rgb, std_rgb = tuple(mean_rgb), tuple(std_rgb)
   return lambda images: normalize_on_device(jnp.asarray(images), mean_rgb, std_rgb, jnp.float32,
-                                            mean_image=mean_image)
+                                            mean_image=mean_image, channel_order=channel_order)
 
 
 class CompiledFunctions:
@@ -113,7 +114,7 @@ class Network:
     colours, the mean image and what ``key`` names (never over the parameters, which it takes as
     its first argument)."""
     full = (self.apply, tuple(self.config.input.mean_rgb), tuple(self.config.input.std_rgb),
-            self._mean_image_digest, key)
+            self.config.input.channel_order, self._mean_image_digest, key)
     return self.functions.jitted(full, make)
 
   @functools.cached_property
@@ -128,7 +129,8 @@ class Network:
 
   @property
   def normalize(self) -> Callable[[jax.Array], jax.Array]:
-    return normalizer(self.config.input.mean_rgb, self.config.input.std_rgb, self.mean_image)
+    return normalizer(self.config.input.mean_rgb, self.config.input.std_rgb, self.mean_image,
+                      self.config.input.channel_order)
 
   @functools.cached_property
   def _replicated(self):
