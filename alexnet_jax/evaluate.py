@@ -113,10 +113,10 @@ def run(paths: list[str], configs_, *, split: str | None, views: str | None,
     m = metrics(out['probs'], labels, out['probs'].shape[1])
     members.append(
         dict(checkpoint=path, step=net.step, epoch=net.epoch, model=config.model.name,
-             dataset=config.dataset.name, split=source.info.split, views=config.input.eval_views,
-             mesh=dict(net.mesh.shape), eval_batch_size=int(config.eval_batch_size),
-             top1_error=m['top1_error'], top5_error=m['top5_error'],
-             images_per_second=len(labels) / seconds,
+             release=net.meta.get('imported', {}).get('model'), dataset=config.dataset.name,
+             split=source.info.split, views=config.input.eval_views, mesh=dict(net.mesh.shape),
+             eval_batch_size=int(config.eval_batch_size), top1_error=m['top1_error'],
+             top5_error=m['top5_error'], images_per_second=len(labels) / seconds,
              compile_seconds=timing.get('compile_seconds')))
     logging.info('%s: top-1 error %.4f, top-5 error %.4f (%d examples, %.1f images/s)', net.name,
                  m['top1_error'], m['top5_error'], len(labels),
@@ -129,17 +129,21 @@ def run(paths: list[str], configs_, *, split: str | None, views: str | None,
 
 
 def paper_row(result: dict) -> dict | None:
-  models = {m['model'] for m in result['members']}
-  return paper.evaluation_row(models.pop(), result['networks']) if len(models) == 1 else None
+  models = {(m['model'], m.get('release')) for m in result['members']}
+  if len(models) != 1:
+    return None
+  model, release = models.pop()
+  return paper.evaluation_row(model, result['networks'], release)
 
 
 def markdown(result: dict) -> str:
   """The results table: each member, then the ensemble, with the paper's numbers beside."""
   header = ['', 'networks', 'views', 'top-1 error %', 'top-5 error %', 'paper top-1', 'paper top-5']
   rows = []
-  singles = paper.evaluation_row(result['members'][0]['model'], 1)
+  m0 = result['members'][0]
+  singles = paper.evaluation_row(m0['model'], 1, m0.get('release'))
   for m in result['members']:
-    p = paper.evaluation_row(m['model'], 1) or {}
+    p = paper.evaluation_row(m['model'], 1, m.get('release')) or {}
     rows.append([
         f'{m["checkpoint"]} (step {m["step"]})', 1, m['views'],
         report.percent(m['top1_error'], 2),
@@ -156,10 +160,10 @@ def markdown(result: dict) -> str:
         p.get('top1'),
         p.get('top5')
     ])
-  m0 = result['members'][0]
+  views = '' if m0.get('release') else ', 10 views'
   note = (f'Ours: {m0["dataset"]} / {m0["split"]}, {result["examples"]} examples. Paper: '
           f'{paper.EVALUATION_DATA}' +
-          (f' ({singles["row"]}, 10 views)' if singles else ' (no published figure for this '
+          (f' ({singles["row"]}{views})' if singles else ' (no published figure for this '
            'model)') + '.')
   return report.markdown_table(header, rows) + '\n\n' + note
 

@@ -15,6 +15,16 @@ EVALUATION = {
 }
 EVALUATION_DATA = 'ILSVRC-2012 validation'
 
+# The releases' own ILSVRC-2012 validation errors (%, centre crop), what an imported network
+# (import_weights) should give on a user's ImageNet copy: Caffe's model zoo and torchvision's
+# documentation (top-5 where given there).
+PUBLISHED = {
+    'bvlc_alexnet': dict(row="Caffe's bvlc_alexnet, centre crop", top1=42.9, top5=19.8),
+    'alexnet': dict(row="torchvision's AlexNet, centre crop", top1=43.5, top5=20.9),
+    'vgg16': dict(row="torchvision's VGG-16, centre crop", top1=28.41, top5=None),
+    'resnet50': dict(row="torchvision's ResNet-50, centre crop", top1=23.87, top5=None),
+}
+
 # Zeiler & Fergus §5.2: layers 1-7 of the ImageNet-trained net kept fixed, a new softmax on top;
 # mean per-class accuracy, mean ± std over splits, by training images per class.
 TRANSFER = {
@@ -49,7 +59,11 @@ PER_LAYER = {
 PER_LAYER_DATA = ('caltech101', 'caltech256')
 
 
-def evaluation_row(model: str, networks: int) -> dict | None:
+def evaluation_row(model: str, networks: int, release: str | None = None) -> dict | None:
+  """The published figures for ``networks`` networks of ``model``, or for the imported
+  ``release`` (``PUBLISHED``; one network), or None."""
+  if release is not None:
+    return PUBLISHED.get(release) if networks == 1 else None
   return EVALUATION.get((model, networks))
 
 

@@ -7,6 +7,7 @@ layers that always runs. Small widths at the releases' full resolutions keep it 
 mapping does not depend on the width. Then the checkpoints through the commands that read them,
 and bad files refused in one line naming the first tensor that does not fit."""
 
+import json
 import os
 import subprocess
 import sys
@@ -352,3 +353,57 @@ def test_a_file_of_no_known_release_is_one_line_through_the_command(tmp_path):
   _one_error(_cli([f'--file={path}', f'--workdir={tmp_path / "w"}', '--model=bvlc_alexnet']),
              'not a torchvision release')
   assert not os.path.exists(tmp_path / 'w')
+
+
+def test_evaluate_and_features_read_an_imported_checkpoint_without_training_flags(tmp_path):
+  """The stored config carries the architecture and the input convention: the commands need only
+  the data set (here the built-in one, with the file's 10 classes)."""
+  path = tmp_path / 'bvlc_alexnet.caffemodel'
+  caffe_format.write_caffemodel(path, 'AlexNet', _alexnet_blobs(np.random.default_rng(1)),
+                                legacy=True)
+  assert _cli([f'--file={path}', f'--workdir={tmp_path / "w"}']).returncode == 0
+  data = [
+      '--config.dataset.name=builtin_shapes', f'--config.dataset.data_dir={tmp_path / "data"}',
+      '--config.dataset.num_train=20', '--config.dataset.num_val=20',
+      '--config.dataset.image_size=72', '--config.eval_batch_size=20'
+  ]
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  run = lambda module, *args: subprocess.run([
+      sys.executable, '-m', module, f'--checkpoint={tmp_path / "w"}', *args, *data
+  ], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = run('alexnet_jax.evaluate', f'--out={tmp_path / "ev"}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / 'ev' / 'results.json').read_text())
+  assert result['members'][0]['release'] == 'bvlc_alexnet' and result['examples'] == 20
+  md = (tmp_path / 'ev' / 'results.md').read_text()
+  assert "Caffe's bvlc_alexnet, centre crop" in md and '| 42.9 | 19.8 |' in md
+  proc = run('alexnet_jax.features', f'--out={tmp_path / "f"}', '--layers=fc7')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert np.load(tmp_path / 'f' / 'fc7.npy').shape == (20, 512)
+
+
+def test_first_layer_filters_of_a_bgr_network_are_shown_in_rgb(tmp_path):
+  from alexnet_jax.visualize import analyses, checkpoints  # noqa: PLC0415
+  blobs = _alexnet_blobs(np.random.default_rng(2))
+  path = tmp_path / 'bvlc_alexnet.caffemodel'
+  caffe_format.write_caffemodel(path, 'AlexNet', blobs)
+  import_weights.import_file(str(path), str(tmp_path / 'w'))
+  config = trained.stored_config(str(tmp_path / 'w'))
+  net = checkpoints.load_network(config, str(tmp_path / 'w'))
+  conv1 = blobs[0][2][0].astype(np.float32)  # (maps, B G R, kh, kw), as the file holds it
+  np.testing.assert_array_equal(analyses.first_layer_filters(net),
+                                conv1.transpose(0, 2, 3, 1)[..., ::-1])
+
+
+def test_the_published_figures_are_the_references():
+  from alexnet_jax import paper  # noqa: PLC0415
+  # REFERENCE.md: "Caffe bvlc_alexnet 42.9 / 19.8 (centre crop); torchvision 43.5 / 20.9"; the
+  # issue's torchvision top-1 accuracies: VGG-16 71.59 %, ResNet-50 76.13 %.
+  assert (paper.PUBLISHED['bvlc_alexnet']['top1'],
+          paper.PUBLISHED['bvlc_alexnet']['top5']) == (42.9, 19.8)
+  assert (paper.PUBLISHED['alexnet']['top1'], paper.PUBLISHED['alexnet']['top5']) == (43.5, 20.9)
+  assert paper.PUBLISHED['vgg16']['top1'] == pytest.approx(100 - 71.59)
+  assert paper.PUBLISHED['resnet50']['top1'] == pytest.approx(100 - 76.13)
+  assert set(paper.PUBLISHED) <= set(layouts.RELEASES)
+  assert paper.evaluation_row('alexnet', 1, 'bvlc_alexnet')['top1'] == 42.9
+  assert paper.evaluation_row('alexnet', 5, 'bvlc_alexnet') is None
