@@ -19,6 +19,7 @@ import dataclasses
 from typing import Any
 
 import jax
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -204,6 +205,25 @@ def _compare(source: dict, target: dict, classifier: set[str], source_config, co
   return None
 
 
+def check_input_convention(source_config, config, where: str) -> None:
+  """The weights were learnt on inputs normalised the source's way. Another channel order would
+  feed the first layer the wrong colours: refused. Another mean or scale (a new data set's
+  statistics, say) can be meant: said in a warning with the source's values."""
+  src, run = source_config.input, config.input
+  if src.channel_order != run.channel_order:
+    raise ConfigError(f'{where} reads its colour channels as {src.channel_order.upper()}, this run '
+                      f'as {run.channel_order.upper()}: pass --config.input.channel_order='
+                      f'{src.channel_order}')
+  fields = ('mean_rgb', 'std_rgb', 'mean_image')
+  differ = [f for f in fields if _plain(src[f]) != _plain(run[f])]
+  if differ:
+    logging.warning(
+        '%s was trained on inputs normalised with %s; this run uses %s (to match it: %s)', where,
+        ', '.join(f'{f}={_plain(src[f])}' for f in differ),
+        ', '.join(f'{f}={_plain(run[f])}' for f in differ),
+        ' '.join(f"--config.input.{f}='{_plain(src[f])}'" for f in differ))
+
+
 def warm_start(config, prog: program_lib.Program, state) -> tuple[Any, Summary | None]:
   """``state`` (this run's freshly initialised ``TrainState``, of ``prog``) with the weights of
   ``config.init``'s checkpoint, and what was done (None: nothing to say — no source, nothing
@@ -226,6 +246,7 @@ def warm_start(config, prog: program_lib.Program, state) -> tuple[Any, Summary |
                       f'{", ".join(map(repr, CLASSIFIER_MODES))}')
   directory, step, source_config = _source(init.checkpoint, init.step)
   where = f'{directory} (step {step})'
+  check_input_convention(source_config, config, where)
   mesh = prog.mesh
   source_prog = program_lib.build_program(_restore_config(source_config, mesh), steps_per_epoch=1,
                                           mesh=mesh)

@@ -407,3 +407,36 @@ def test_the_published_figures_are_the_references():
   assert set(paper.PUBLISHED) <= set(layouts.RELEASES)
   assert paper.evaluation_row('alexnet', 1, 'bvlc_alexnet')['top1'] == 42.9
   assert paper.evaluation_row('alexnet', 5, 'bvlc_alexnet') is None
+
+
+def test_main_fine_tunes_from_an_imported_checkpoint_and_refuses_another_channel_order(tmp_path):
+  """``config.init`` reads an imported checkpoint like one of ours; a run that would feed its
+  first layer RGB where it learnt BGR is refused in one line, before anything trains."""
+  path = tmp_path / 'bvlc_alexnet.caffemodel'
+  blobs = _alexnet_blobs(np.random.default_rng(3), classes=4)
+  caffe_format.write_caffemodel(path, 'AlexNet', blobs, legacy=True)
+  import_weights.import_file(str(path), str(tmp_path / 'w'))
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  args = [
+      '--config=configs/demo.py', f'--workdir={tmp_path / "run"}',
+      f'--config.init.checkpoint={tmp_path / "w"}', '--config.init.freeze_through=conv2',
+      '--config.dataset.num_train=32', '--config.dataset.num_val=16',
+      '--config.dataset.image_size=232', '--config.dataset.classes=(0,1,2,3)',
+      f'--config.dataset.data_dir={tmp_path / "data"}', '--config.model.num_classes=4',
+      '--config.model.width=0.125', '--config.model.image_size=227', '--config.model.lrn_k=1',
+      '--config.model.lrn_alpha_divided_by_n=True', '--config.model.lrn_across_towers=True',
+      '--config.batch_size=8', '--config.eval_batch_size=8', '--config.num_epochs=1',
+      '--config.input.workers=0', '--config.input.mean_rgb=(122.68,116.67,104.01)',
+      '--config.input.std_rgb=(1.0,1.0,1.0)', '--config.checkpoint.async_save=False'
+  ]
+  main = lambda *more: subprocess.run([sys.executable, '-m', 'alexnet_jax.main', *args, *more], cwd=
+                                      REPO, env=env, capture_output=True, text=True, timeout=600)
+  _one_error(main(), 'reads its colour channels as BGR', '--config.input.channel_order=bgr')
+  saved = tmp_path / 'run' / 'checkpoints'
+  assert not (saved.exists() and any(p.name.isdigit() for p in saved.iterdir()))  # none saved
+  proc = main('--config.input.channel_order=bgr')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'fine-tuning from' in proc.stderr and 'the classifier copied too' in proc.stderr
+  tuned = trained.load(trained.stored_config(str(tmp_path / 'run')), str(tmp_path / 'run'))
+  kernel = np.concatenate(list(np.asarray(jax.device_get(tuned.params['conv1']['kernel']))), -1)
+  np.testing.assert_array_equal(kernel, blobs[0][2][0].astype(np.float32).transpose(2, 3, 1, 0))
