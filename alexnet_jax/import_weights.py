@@ -18,11 +18,12 @@ import hashlib
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from alexnet_jax import checkpointing, cli, configs, distributed, optim, storage
+from alexnet_jax import checkpointing, cli, configs, distributed, optim, steps, storage
 from alexnet_jax import program as program_lib
 from alexnet_jax.errors import ConfigError, DirectoryError
 from alexnet_jax.weights import WeightFileError, caffe_format, layouts, tensor_files
@@ -114,12 +115,15 @@ def write_checkpoint(config, converted: dict, workdir: str, imported: dict) -> N
   """One checkpoint at step 0 in ``workdir`` with the converted parameters, as training writes
   them (its program's shardings, its checksums, the config in its meta)."""
   prog = program_lib.build_program(config, steps_per_epoch=1)
-  state = prog.init_state()
-  params = jax.tree.map(lambda a, s: jax.device_put(a, s), converted['params'],
-                        prog.state_shardings.params)
-  stats = jax.tree.map(lambda a, s: jax.device_put(a, s), converted['batch_stats'],
-                       prog.state_shardings.batch_stats)
-  state = state.replace(params=params, batch_stats=stats)
+  # The state a run starting from these weights would have, built without running the model's
+  # initialiser (compiling it for a full-size network takes longer than the rest of the import).
+  params = jax.device_put(converted['params'], prog.state_shardings.params)
+  state = steps.TrainState(
+      step=jax.device_put(jnp.zeros((), jnp.int32), prog.state_shardings.step), params=params,
+      opt_state=jax.device_put(prog.tx.init(params), prog.state_shardings.opt_state),
+      rng=jax.device_put(jax.random.key_data(jax.random.key(config.seed + 1)),
+                         prog.state_shardings.rng),
+      batch_stats=jax.device_put(converted['batch_stats'], prog.state_shardings.batch_stats))
   plateau = optim.PlateauController(factor=config.optim.plateau_factor,
                                     patience=config.optim.plateau_patience,
                                     threshold=config.optim.plateau_threshold,
