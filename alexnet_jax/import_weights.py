@@ -9,7 +9,7 @@ checkpoint (step 0) whose config is the release's exact architecture (its widths
 count read from the file) and the input convention it was trained with — channel order, pixel
 scale and mean, crop size — so ``evaluate``, ``features``, ``transfer``, ``visualize`` and
 ``main`` (fine-tuning through ``config.init``) read it like any checkpoint of ours and normalise
-its input as it was trained. Any config field can still be set: ``--config.mesh.data=4``.
+its input as it was trained.
 """
 
 from __future__ import annotations
@@ -52,6 +52,13 @@ def read_tensors(path: str, source: str) -> dict[str, np.ndarray]:
   if source == 'torchvision':
     return tensor_files.read_state_dict(path)
   net = caffe_format.read_caffemodel(path)
+  order = [layer.name for layer in net.layers]
+  if 'pool1' in order and 'norm1' in order and order.index('pool1') < order.index('norm1'):
+    # bvlc_reference_caffenet: AlexNet's tensors, names and shapes, but pooling before its
+    # normalisation; imported as bvlc_alexnet it would compute another function.
+    raise WeightFileError(f'{path} pools before it normalises (pool1 before norm1): it is '
+                          "Caffe's CaffeNet (bvlc_reference_caffenet), not bvlc_alexnet, and this "
+                          'importer has no CaffeNet model')
   return {
       f'{layer.name} blobs[{i}]': b for layer in net.with_blobs() for i, b in enumerate(layer.blobs)
   }

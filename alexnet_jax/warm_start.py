@@ -224,6 +224,30 @@ def check_input_convention(source_config, config, where: str) -> None:
         ' '.join(f"--config.input.{f}='{_plain(src[f])}'" for f in differ))
 
 
+# Model fields a fine-tuning run may well set otherwise: they change training, not the function the
+# weights compute.
+_TRAINING_ONLY = ('num_classes', 'dropout', 'aux_dropout', 'aux_loss_weight', 'init', 'weight_std',
+                  'bn_momentum')
+
+
+def warn_model_differences(source_config, config, where: str) -> None:
+  """Fields such as LRN's constant or where a bottleneck strides leave every tensor's shape as
+  it is, so the copy cannot notice them: the weights would compute another function. Said, with
+  the flags that match the source (a run may mean it)."""
+  src, run = source_config.model, config.model
+  if src.name != run.name:
+    return
+  differ = [
+      f for f in src.keys()
+      if f in run and f not in _TRAINING_ONLY and f != 'name' and _plain(src[f]) != _plain(run[f])
+  ]
+  if differ:
+    logging.warning('%s was trained as %s; this run builds %s (to match it: %s)', where,
+                    ', '.join(f'model.{f}={_plain(src[f])}' for f in differ),
+                    ', '.join(f'model.{f}={_plain(run[f])}' for f in differ),
+                    ' '.join(f"--config.model.{f}='{_plain(src[f])}'" for f in differ))
+
+
 def warm_start(config, prog: program_lib.Program, state) -> tuple[Any, Summary | None]:
   """``state`` (this run's freshly initialised ``TrainState``, of ``prog``) with the weights of
   ``config.init``'s checkpoint, and what was done (None: nothing to say — no source, nothing
@@ -247,6 +271,7 @@ def warm_start(config, prog: program_lib.Program, state) -> tuple[Any, Summary |
   directory, step, source_config = _source(init.checkpoint, init.step)
   where = f'{directory} (step {step})'
   check_input_convention(source_config, config, where)
+  warn_model_differences(source_config, config, where)
   mesh = prog.mesh
   source_prog = program_lib.build_program(_restore_config(source_config, mesh), steps_per_epoch=1,
                                           mesh=mesh)

@@ -423,7 +423,7 @@ def test_main_fine_tunes_from_an_imported_checkpoint_and_refuses_another_channel
       '--config.dataset.num_train=32', '--config.dataset.num_val=16',
       '--config.dataset.image_size=232', '--config.dataset.classes=(0,1,2,3)',
       f'--config.dataset.data_dir={tmp_path / "data"}', '--config.model.num_classes=4',
-      '--config.model.width=0.125', '--config.model.image_size=227', '--config.model.lrn_k=1',
+      '--config.model.width=0.125', '--config.model.image_size=227',
       '--config.model.lrn_alpha_divided_by_n=True', '--config.model.lrn_across_towers=True',
       '--config.batch_size=8', '--config.eval_batch_size=8', '--config.num_epochs=1',
       '--config.input.workers=0', '--config.input.mean_rgb=(122.68,116.67,104.01)',
@@ -437,6 +437,51 @@ def test_main_fine_tunes_from_an_imported_checkpoint_and_refuses_another_channel
   proc = main('--config.input.channel_order=bgr')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'fine-tuning from' in proc.stderr and 'the classifier copied too' in proc.stderr
+  # lrn_k left at the paper's 2: every shape fits, so only a warning can tell
+  assert "--config.model.lrn_k='1.0'" in proc.stderr
   tuned = trained.load(trained.stored_config(str(tmp_path / 'run')), str(tmp_path / 'run'))
   kernel = np.concatenate(list(np.asarray(jax.device_get(tuned.params['conv1']['kernel']))), -1)
   np.testing.assert_array_equal(kernel, blobs[0][2][0].astype(np.float32).transpose(2, 3, 1, 0))
+
+
+def test_deconv_projections_of_a_bgr_network_are_in_rgb(tmp_path):
+  """The BGR network and its RGB twin (conv1's input channels reversed) compute the same
+  function of the image: their projections to pixels must be the same RGB pictures."""
+  from alexnet_jax.visualize import checkpoints  # noqa: PLC0415
+  from alexnet_jax.visualize.network import Network  # noqa: PLC0415
+  path = tmp_path / 'bvlc_alexnet.caffemodel'
+  caffe_format.write_caffemodel(path, 'AlexNet', _alexnet_blobs(np.random.default_rng(4)))
+  import_weights.import_file(str(path), str(tmp_path / 'w'))
+  config = trained.stored_config(str(tmp_path / 'w'))
+  bgr = checkpoints.load_network(config, str(tmp_path / 'w'))
+  rgb_config = config.copy_and_resolve_references()
+  rgb_config.input.channel_order = 'rgb'
+  params = jax.tree.map(np.asarray, bgr.params)
+  params['conv1']['kernel'] = params['conv1']['kernel'][..., ::-1, :]  # (towers, kh, kw, in, out)
+  rgb = Network(config=rgb_config, apply=bgr.apply, params=params)
+  images = _images(2, 227, seed=5).astype(np.float32)
+  maps = np.array([1, 3])
+  ours, theirs = bgr.project(images, 'conv2', maps)[0], rgb.project(images, 'conv2', maps)[0]
+  assert np.abs(ours).max() > 0
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6 * np.abs(theirs).max())
+
+
+def test_files_without_num_batches_tracked_import(tmp_path):
+  """torchvision's files saved before PyTorch 0.4.1 (its vgg*_bn, the first ResNets) lack it."""
+  tensors = {k: v for k, v in _resnet18_tensors().items() if 'num_batches_tracked' not in k}
+  path = tmp_path / 'resnet18.safetensors'
+  tensor_files.write_safetensors(path, tensors)
+  assert import_weights.import_file(str(path), str(tmp_path / 'w'))['model'] == 'resnet18'
+
+
+def test_caffenet_is_not_taken_for_alexnet(tmp_path):
+  """bvlc_reference_caffenet has AlexNet's tensors but pools before it normalises."""
+  blobs = _alexnet_blobs(np.random.default_rng(5))
+  layers = [
+      blobs[0], ('relu1', 'ReLU', []), ('pool1', 'Pooling', []), ('norm1', 'LRN', []), *blobs[1:]
+  ]
+  path = tmp_path / 'bvlc_reference_caffenet.caffemodel'
+  caffe_format.write_caffemodel(path, 'CaffeNet', layers)
+  with pytest.raises(WeightFileError, match='CaffeNet'):
+    import_weights.import_file(str(path), str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w')

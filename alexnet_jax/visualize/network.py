@@ -205,14 +205,23 @@ class Network:
   def project(self, images: np.ndarray, layer: str, maps: np.ndarray,
               positions: np.ndarray | None = None, *, desc: str | None = None):
     """Deconvnet projections (see ``deconvnet.project``) of one activation per image: at
-    ``positions``, or where it is ``None`` the maps' strongest (one compile serves both)."""
+    ``positions``, or where it is ``None`` the maps' strongest (one compile serves both). The
+    projections' colour channels are R, G, B whatever order the network reads."""
     apply, normalize = self.apply, self.normalize
+    bgr = self.config.input.channel_order == 'bgr'
     maps = np.asarray(maps, np.int32)
     if positions is None:
       positions = np.full((len(maps), 2), -1, np.int32)  # -1: the strongest
-    fn = self.function(
-        ('project', layer),
-        lambda: lambda params, x, m, p: deconvnet.project(apply, params, normalize(x), layer, m, p))
+
+    def make():
+
+      def project(params, x, m, p):
+        pixels, where, value = deconvnet.project(apply, params, normalize(x), layer, m, p)
+        return (pixels[..., ::-1] if bgr else pixels), where, value
+
+      return project
+
+    fn = self.function(('project', layer), make)
     return self.map_batches(fn, images, maps, np.asarray(positions, np.int32), desc=desc,
                             batch_size=32)
 

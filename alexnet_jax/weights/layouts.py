@@ -35,7 +35,8 @@ CAFFE_GOOGLENET_MEAN_RGB = (123.0, 117.0, 104.0)  # bvlc_googlenet's train_val m
 class Entry:
   """One source tensor → one of our arrays. ``kind``: 'conv', 'dense' (``chw`` = the (channels,
   rows, columns) of the maps it reads when they arrive flattened), 'vector' (a bias, split over
-  the towers), 'bn' (a per-channel vector of batch norm) or 'unused' (read and dropped)."""
+  the towers), 'bn' (a per-channel vector of batch norm) or 'unused' (dropped where the file has
+  it: BN's ``num_batches_tracked``, which files saved before PyTorch 0.4.1 lack)."""
   source: str
   target: tuple  # ('params' | 'batch_stats', key, ...)
   kind: str
@@ -371,6 +372,8 @@ def convert(release: Release, model_fields: dict, tensors: dict[str, np.ndarray]
   out = {'params': {}, 'batch_stats': {}}
   used = set()
   for entry in release.entries(model_fields):
+    if entry.kind == 'unused' and entry.source not in tensors:
+      continue
     if entry.source not in tensors:
       raise WeightFileError(f'the file has no tensor {entry.source!r}, which {release.name} '
                             f'needs{_for(entry)}: {_hint(release, tensors)}')
