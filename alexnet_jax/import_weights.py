@@ -78,25 +78,15 @@ def release_for(source: str, model: str | None, tensors: dict) -> layouts.Releas
   return release
 
 
-def _rows(tensors: dict, name: str, release: layouts.Release) -> int:
-  if name not in tensors:
-    raise WeightFileError(f'the file has no tensor {name!r}, which {release.name} needs: ' +
-                          layouts._hint(release, tensors))  # noqa: SLF001
-  x = tensors[name]
-  while x.ndim > 1 and x.shape[0] == 1:  # Caffe's legacy (1, 1, out, in)
-    x = x[0]
-  return int(x.shape[0])
-
-
 def release_config(release: layouts.Release, tensors: dict):
   """The config of the release: its model, widths and class count as the file has them, and its
   input convention."""
   c = configs.base_config()
   fields = dict(release.model)
   name = fields.pop('name')
-  first = _rows(tensors, release.first, release)
+  first = layouts.rows(release, tensors, release.first)
   fields['width'] = first / release.base_width
-  fields['num_classes'] = _rows(tensors, release.classifier, release)
+  fields['num_classes'] = layouts.rows(release, tensors, release.classifier)
   if name == 'googlenet':
     fields['aux_heads'] = 'loss1/conv blobs[0]' in tensors
   c.model = configs.model_config(name, **fields)

@@ -319,6 +319,14 @@ def _squeezed(x: np.ndarray, ndim: int) -> np.ndarray:
   return x
 
 
+def rows(release: Release, tensors: dict, name: str) -> int:
+  """The output count of the file's weight ``name`` (whatever Caffe's legacy shape around it)."""
+  if name not in tensors:
+    raise WeightFileError(f'the file has no tensor {name!r}, which {release.name} needs: '
+                          f'{_hint(release, tensors)}')
+  return int(_squeezed(np.asarray(tensors[name]), 2).shape[0])
+
+
 def _fits(entry: Entry, x: np.ndarray, want: tuple[int, ...], what: str) -> np.ndarray:
   """The source tensor ``x`` in our layout for a target of shape ``want``, or WeightFileError."""
 
