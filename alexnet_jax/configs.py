@@ -155,6 +155,40 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def paper_recipe(name: str) -> ml_collections.ConfigDict:
+  """Each paper's own network and training recipe on ImageNet (what ``configs/two_gpu.py``,
+  ``zfnet.py``, ``vgg.py``, ``googlenet.py`` and ``resnet.py`` train): ``'alexnet'`` (two towers,
+  one per device of a 1 x 2 mesh), ``'zfnet'``, ``'vgg'`` (D), ``'googlenet'``, ``'resnet'`` (50).
+  Every device left splits the batch."""
+  c = base_config()
+  if name == 'alexnet':
+    c.mesh.data, c.mesh.model = 1, 2
+    return c
+  c.mesh.data, c.mesh.model = -1, 1
+  if name == 'zfnet':
+    c.model = model_config('zfnet', weight_std=0.01, init='paper')
+    c.batch_size, c.num_epochs = 128, 70
+    c.optim.update(learning_rate=0.01, momentum=0.9, filter_rms_clip=0.1)
+  elif name == 'vgg':
+    c.model = model_config('vgg', variant='D', init='glorot')
+    c.batch_size, c.num_epochs = 256, 74
+    c.optim.update(learning_rate=0.01, momentum=0.9, weight_decay=5e-4)
+  elif name == 'googlenet':
+    c.model = model_config('googlenet', aux_heads=True, aux_loss_weight=0.3)
+    c.batch_size, c.num_epochs = 256, 60
+    # Szegedy et al.: the learning rate x 0.96 every 8 epochs.
+    c.optim.update(learning_rate=0.01, momentum=0.9, weight_decay=2e-4, schedule='step',
+                   step_epochs=tuple(range(8, 60, 8)), step_factor=0.96)
+  elif name == 'resnet':
+    c.model = model_config('resnet', depth=50)
+    c.batch_size, c.num_epochs = 256, 90
+    c.optim.update(learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule='plateau')
+  else:
+    raise ConfigError(f'no paper recipe for {name!r}; there are: alexnet, zfnet, vgg, googlenet, '
+                      'resnet')
+  return c
+
+
 def to_dict(config) -> dict:
   """``config`` as plain JSON values (tuples become lists): what a checkpoint stores of the run
   that wrote it (``from_dict`` reads it back)."""
@@ -352,6 +386,8 @@ MODEL_RANGES = {
     'depth': _POSITIVE,
     'bn_momentum': _FRACTION,
     'lrn_k': _ABOVE_ZERO,  # LRN's additive constant (AlexNet, GoogLeNet)
+    'pool_window': _POSITIVE,  # AlexNet's max-pools
+    'pool_stride': _POSITIVE,
 }
 
 # The string fields that name one of a few options, and their options. Their owners: optim

@@ -8,15 +8,8 @@ here, batch 256, learning rate 0.01 x 0.96 every 8 epochs ("step" schedule), wei
       --config.dataset.data_dir=/path/to/tensorflow_datasets
 """
 
-from alexnet_jax.configs import base_config, model_config
+from alexnet_jax.configs import paper_recipe
 
 
 def get_config():
-  c = base_config()
-  c.model = model_config('googlenet', aux_heads=True, aux_loss_weight=0.3)
-  c.mesh.data, c.mesh.model = -1, 1
-  c.batch_size = 256
-  c.num_epochs = 60
-  c.optim.update(learning_rate=0.01, momentum=0.9, weight_decay=2e-4, schedule='step',
-                 step_epochs=tuple(range(8, 60, 8)), step_factor=0.96)
-  return c
+  return paper_recipe('googlenet')

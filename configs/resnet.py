@@ -9,14 +9,8 @@ averages are checkpointed and used at evaluation. Data parallel over every devic
       --config.dataset.data_dir=/path/to/tensorflow_datasets
 """
 
-from alexnet_jax.configs import base_config, model_config
+from alexnet_jax.configs import paper_recipe
 
 
 def get_config():
-  c = base_config()
-  c.model = model_config('resnet', depth=50)
-  c.mesh.data, c.mesh.model = -1, 1
-  c.batch_size = 256
-  c.num_epochs = 90
-  c.optim.update(learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule='plateau')
-  return c
+  return paper_recipe('resnet')

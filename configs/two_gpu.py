@@ -4,10 +4,8 @@
       --config.dataset.data_dir=/path/to/tensorflow_datasets
 """
 
-from alexnet_jax.configs import base_config
+from alexnet_jax.configs import paper_recipe
 
 
 def get_config():
-  c = base_config()
-  c.mesh.data, c.mesh.model = 1, 2
-  return c
+  return paper_recipe('alexnet')

@@ -9,14 +9,8 @@ N(0, 0.01) is --config.model.init=paper). Data parallel over every device.
   # configuration E with batch norm:  --config.model.variant=E --config.model.batch_norm=True
 """
 
-from alexnet_jax.configs import base_config, model_config
+from alexnet_jax.configs import paper_recipe
 
 
 def get_config():
-  c = base_config()
-  c.model = model_config('vgg', variant='D', init='glorot')
-  c.mesh.data, c.mesh.model = -1, 1
-  c.batch_size = 256
-  c.num_epochs = 74
-  c.optim.update(learning_rate=0.01, momentum=0.9, weight_decay=5e-4)
-  return c
+  return paper_recipe('vgg')

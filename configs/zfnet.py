@@ -9,14 +9,8 @@ The paper's ablations: --config.model.remove='(3,4)' (or '(7,)', '(6,7)', '(3,4,
 --config.model.fc_width=2048 (or 8192); --config.model.conv_widths='(512,1024,512)'.
 """
 
-from alexnet_jax.configs import base_config, model_config
+from alexnet_jax.configs import paper_recipe
 
 
 def get_config():
-  c = base_config()
-  c.model = model_config('zfnet', weight_std=0.01, init='paper')
-  c.mesh.data, c.mesh.model = -1, 1
-  c.batch_size = 128
-  c.num_epochs = 70
-  c.optim.update(learning_rate=0.01, momentum=0.9, filter_rms_clip=0.1)
-  return c
+  return paper_recipe('zfnet')
