@@ -111,7 +111,7 @@ def test_labels_of_a_folder_come_from_its_file_list(tmp_path, monkeypatch):
   folder = sources.FolderImageSource(str(tmp_path))
   expected = _decoded_labels(folder)
   np.testing.assert_array_equal(expected, [0, 0, 1, 1, 1, 2])
-  monkeypatch.setattr(sources.Image, 'open', lambda *a, **k: pytest.fail('an image was opened'))
+  monkeypatch.setattr(sources, 'read_image_file', lambda *a, **k: pytest.fail('an image was read'))
   np.testing.assert_array_equal(sources.FolderImageSource(str(tmp_path)).labels(), expected)
 
 

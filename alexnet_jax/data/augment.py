@@ -53,10 +53,24 @@ def fit_for_crop(image: np.ndarray, crop_size: int, resize_to: int | None) -> np
   return image
 
 
-def crop_flip(image: np.ndarray, top: int, left: int, size: int, flip: bool) -> np.ndarray:
-  """One window, reflected left-right if ``flip``: a contiguous uint8 copy in one pass."""
+def crop_flip(image: np.ndarray, top: int, left: int, size: int, flip: bool,
+              out: np.ndarray | None = None) -> np.ndarray:
+  """One window, reflected left-right if ``flip``: a contiguous copy (into ``out``, a
+  C-contiguous array of the window's shape, where given: a row of a batch, say)."""
   window = image[top:top + size, left:left + size]
-  return np.ascontiguousarray(window[:, ::-1] if flip else window)
+  if out is None:
+    out = np.empty(window.shape, image.dtype)
+  if not flip:
+    out[...] = window
+  elif window.ndim == 3:
+    # numpy copies a reflected (h, w, 3) window one 3-byte pixel per inner loop, 5-6x slower
+    # than channel by channel, where each inner loop runs along a whole row.
+    mirrored = window[:, ::-1]
+    for c in range(window.shape[2]):
+      out[..., c] = mirrored[..., c]
+  else:
+    out[...] = window[:, ::-1]
+  return out
 
 
 def random_window(rng: np.random.Generator, height: int, width: int, size: int, *,

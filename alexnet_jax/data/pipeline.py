@@ -93,7 +93,15 @@ class TrainAugment(grain.transforms.RandomMap):
   smaller than the crop are scaled up so the crop fits. Emits, beside image and label, the
   window (`crop`: top, left, flipped) and `alpha`, which the device uses to subtract the
   matching window of the mean image and to shift the colours (`steps.normalize`).
+
+  With `resize_to` set, `train_dataset` draws the windows per example (`draw`) but cuts them in
+  the batch (`CutWindows`), straight into its rows: one copy of the pixels between decoder and
+  batch, not two. (Without it an image may be of any size, and holding a batch of them whole
+  could take many times the memory of their windows: those are cut per example and stacked, as
+  are those of a subclass with ``cut_in_batch = False``.)
   """
+
+  cut_in_batch = True
 
   def __init__(self, crop_size: int, resize_to: int | None = None, *, random_crop: bool = True,
                flip: bool = True, pca_std: float = 0.0):
@@ -101,17 +109,58 @@ class TrainAugment(grain.transforms.RandomMap):
     self.resize_to = resize_to
     self.random_crop, self.flip, self.pca_std = bool(random_crop), bool(flip), float(pca_std)
 
-  def random_map(self, element, rng: np.random.Generator):
+  def draw(self, element, rng: np.random.Generator) -> dict:
+    """The example with its window and colour coefficients drawn, its (fitted) image not cut."""
     c = self.crop_size
     image = augment.fit_for_crop(element['image'], c, self.resize_to)
     top, left, flipped = augment.random_window(rng, *image.shape[:2], c,
                                                random_crop=self.random_crop, flip=self.flip)
     alpha = (rng.normal(0.0, self.pca_std, 3) if self.pca_std > 0 else np.zeros(3))
     return {
-        'image': augment.crop_flip(image, top, left, c,
-                                   flipped), 'label': np.int32(element['label']),
+        'image': image, 'label': np.int32(element['label']),
         'crop': np.array([top, left, flipped], np.int32), 'alpha': alpha.astype(np.float32)
     }
+
+  def random_map(self, element, rng: np.random.Generator):
+    example = self.draw(element, rng)
+    top, left, flipped = (int(v) for v in example['crop'])
+    example['image'] = self.crop(example['image'], top, left, bool(flipped))
+    return example
+
+  def crop(self, image: np.ndarray, top: int, left: int, flipped: bool,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """The window's pixels, into ``out`` where given (``bench_input`` overrides it with the copy
+    this replaced)."""
+    return augment.crop_flip(image, top, left, self.crop_size, flipped, out=out)
+
+
+class _Drawn(grain.transforms.RandomMap):
+  """A TrainAugment's `draw` as the per-example transform: the window is cut later, in
+  `CutWindows`."""
+
+  def __init__(self, augment_: TrainAugment):
+    self.augment = augment_
+
+  def random_map(self, element, rng: np.random.Generator):
+    return self.augment.draw(element, rng)
+
+
+class CutWindows:
+  """grain batch function for `_Drawn` examples: each example's window cut straight into its row
+  of the image batch (the other fields stacked), so no example's crop is copied again."""
+
+  def __init__(self, augment_: TrainAugment):
+    self.augment = augment_
+
+  def __call__(self, examples):
+    c = self.augment.crop_size
+    first = examples[0]['image']
+    images = np.empty((len(examples), c, c) + first.shape[2:], first.dtype)
+    for row, example in zip(images, examples):
+      top, left, flipped = (int(v) for v in example['crop'])
+      self.augment.crop(example['image'], top, left, bool(flipped), out=row)
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != 'image'}
+    return {'image': images, **batch}
 
 
 class EvalTransform(grain.transforms.Map):
@@ -132,7 +181,10 @@ class EvalTransform(grain.transforms.Map):
     c = self.crop_size
     image = augment.fit_for_crop(element['image'], c, self.resize_to)
     windows = augment.view_windows(*image.shape[:2], c, self.views)
-    crops = np.stack([augment.crop_flip(image, t, l, c, f) for t, l, f in windows])
+    # Every view is cut from the one decoded image, straight into its row.
+    crops = np.empty((len(windows), c, c, image.shape[2]), image.dtype)
+    for row, (t, l, f) in zip(crops, windows):
+      augment.crop_flip(image, t, l, c, f, out=row)
     crop = np.array(windows, np.int32)
     if self.views == 'center':
       crops, crop = crops[0], crop[0]
@@ -240,38 +292,42 @@ class _HostRows(grain.MapDataset):
 
 
 def _select_rows(examples: grain.MapDataset, global_batch_size: int, shards: int,
-                 host_shards: tuple[int, ...], start: int = 0) -> grain.MapDataset:
+                 host_shards: tuple[int, ...], start: int = 0, batch_fn=None) -> grain.MapDataset:
   """Global batch b is ``examples[b·B : (b+1)·B]``, split into ``shards`` blocks of rows; item b of
   the result is this process's blocks of global batch ``start + b``, concatenated in shard order
-  (the order in which ``jax.make_array_from_process_local_data`` hands them to the devices)."""
+  (the order in which ``jax.make_array_from_process_local_data`` hands them to the devices).
+  ``batch_fn``: grain's, making a block of examples a batch (None: stacked)."""
   held = len(host_shards)
   groups = shards // held
   if shards % held == 0 and host_shards == tuple(range(host_shards[0], host_shards[0] + held)) \
       and host_shards[0] % held == 0:
     # One aligned block of shards (every GPU and CPU layout): a strided slice of the batches.
-    rows = examples.batch(global_batch_size // groups, drop_remainder=True)
+    rows = examples.batch(global_batch_size // groups, drop_remainder=True, batch_fn=batch_fn)
     return rows[start * groups + host_shards[0] // held::groups]
-  return _HostRows(examples.batch(global_batch_size // shards, drop_remainder=True), shards,
-                   host_shards, start)
+  return _HostRows(
+      examples.batch(global_batch_size // shards, drop_remainder=True, batch_fn=batch_fn), shards,
+      host_shards, start)
 
 
 def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
                   start_batch: int = 0, shards: int = 1, host_shards=(0,), workers: int = 0,
                   prefetch_buffer: int = 4, read_threads: int = 4, resize_to: int | None = None,
                   random_crop: bool = True, flip: bool = True, pca_std: float = 0.0,
-                  worker_priority: str = 'normal') -> grain.IterDataset:
+                  worker_priority: str = 'normal',
+                  augment_cls: type[TrainAugment] = TrainAugment) -> grain.IterDataset:
   """Endless, shuffled, augmented training batches for this process, from global batch
   ``start_batch`` on (a resumed run's position: the steps it has trained).
 
   One global stream, the same for any number of processes: source → seed → shuffle (a new
   permutation every epoch) → repeat forever → TrainAugment (each example's crop, flip and colour
-  shift drawn from the seed and its position in the stream) → global batches, of which this
-  process takes the rows of its ``host_shards`` (of ``shards``, the mesh's data axis): the rows
-  the mesh puts on its devices. So the order of examples is a function of the seed and the epoch
-  only, and a run can resume on another mesh or process count at the same position. Then
-  to_iter_dataset (read_threads threads, prefetch_buffer batches) → mp_prefetch (when
-  workers > 0; each worker keeps its own copy of the source and runs at ``worker_priority``, one of
-  ``WORKER_PRIORITIES``).
+  shift drawn from the seed and its position in the stream) → global batches (with `resize_to`,
+  the windows cut straight into them, `CutWindows`), of which this process takes the rows of its
+  ``host_shards`` (of ``shards``, the mesh's data axis): the rows the mesh puts on its devices. So
+  the order of examples is a function of the seed and the epoch only, and a run can resume on
+  another mesh or process count at the same position. Then to_iter_dataset (read_threads
+  threads, prefetch_buffer batches) → mp_prefetch (when workers > 0; each worker keeps its own
+  copy of the source and runs at ``worker_priority``, one of ``WORKER_PRIORITIES``).
+  ``augment_cls``: TrainAugment or a subclass (``bench_input``'s record of the copies before).
   """
   host_shards = _check_shards(global_batch_size, shards, host_shards)
   if len(source) < global_batch_size:
@@ -283,9 +339,12 @@ def train_dataset(source, *, global_batch_size: int, crop_size: int, seed: int,
   ds = ds.seed(int(seed))
   ds = ds.shuffle()
   ds = ds.repeat(None)
-  ds = ds.random_map(
-      TrainAugment(crop_size, resize_to, random_crop=random_crop, flip=flip, pca_std=pca_std))
-  ds = _select_rows(ds, global_batch_size, shards, host_shards, start_batch)
+  aug = augment_cls(crop_size, resize_to, random_crop=random_crop, flip=flip, pca_std=pca_std)
+  if aug.cut_in_batch and resize_to is not None:
+    ds = _select_rows(ds.random_map(_Drawn(aug)), global_batch_size, shards, host_shards,
+                      start_batch, batch_fn=CutWindows(aug))
+  else:
+    ds = _select_rows(ds.random_map(aug), global_batch_size, shards, host_shards, start_batch)
   return finish(ds, workers=workers, read_threads=read_threads, prefetch_buffer=prefetch_buffer,
                 worker_priority=worker_priority)
 

@@ -59,8 +59,8 @@ def process_file(task: tuple[str, int, int, int, int]):
       # Between max_pixels and 2 x max_pixels PIL only warns; refuse those too.
       warnings.simplefilter('error', Image.DecompressionBombWarning)
       Image.MAX_IMAGE_PIXELS = max_pixels
-      with Image.open(path) as img:
-        square = augment.square_of(records.load_rgb(img, min_side=size), size)
+      image = records.read_image_file(path, min_side=size)
+      square = augment.square_of(Image.fromarray(image), size)
     record = records.encode_record(np.asarray(square, np.uint8), label, 'jpeg',
                                    jpeg_quality=quality)
     # The statistics are of what training will decode, not of the pixels before JPEG.

@@ -30,14 +30,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from array_record.python.array_record_module import ArrayRecordReader
-from PIL import Image
 
 from alexnet_jax.data.records import (
     CorruptRecordError,
     decode_image_bytes,
     decode_label,
     decode_record,
-    load_rgb,
+    read_image_file,
 )
 from alexnet_jax.errors import DatasetNotFoundError, TooManyBadRecordsError
 
@@ -72,6 +71,10 @@ class ImageSource:
 
   # How many following records to try before giving up on a replacement.
   _MAX_REPLACEMENT_PROBES = 1000
+  # Sources that decode image files: JPEGs through libjpeg-turbo's own interface where it can
+  # (`records.fast_jpeg`, the same pixels); False sends every image through PIL (what
+  # ``bench_input`` compares with).
+  fast_jpeg = True
 
   def __init__(self, info: DatasetInfo, *, max_bad_fraction: float = 0.01):
     self.info = info
@@ -230,7 +233,7 @@ class ArrayRecordImageSource(ImageSource):
     super().__init__(info, max_bad_fraction=max_bad_fraction)
 
   def _read(self, index: int) -> tuple[np.ndarray, int]:
-    return decode_record(self._records[index])
+    return decode_record(self._records[index], fast=self.fast_jpeg)
 
   def _read_labels(self) -> tuple[np.ndarray, dict[int, BaseException]]:
     # Each record is read (ArrayRecord has no partial reads) but only its header is parsed.
@@ -257,7 +260,8 @@ def _count_records(path: str, where: str, remedy: str) -> int:
 
 
 class TfdsImageSource(ImageSource):
-  """A prepared TFDS data set in ArrayRecord format, decoded with PIL (no TensorFlow).
+  """A prepared TFDS data set in ArrayRecord format, decoded as `records.decode_image_bytes` does
+  (no TensorFlow).
 
   Opens the TFDS data source lazily and drops it when pickled, so the object travels
   cheaply to grain worker processes, which reopen it from the prepared directory.
@@ -303,7 +307,7 @@ class TfdsImageSource(ImageSource):
       if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise CorruptRecordError(f'image has dtype {image.dtype} shape {image.shape}')
     else:
-      image = decode_image_bytes(bytes(data), self._min_side)
+      image = decode_image_bytes(bytes(data), self._min_side, fast=self.fast_jpeg)
     return image, self._label_of(example)
 
   def __getstate__(self):
@@ -352,8 +356,8 @@ class FolderImageSource(ImageSource):
 
   def _read(self, index: int) -> tuple[np.ndarray, int]:
     path, label = self._files[index]
-    with Image.open(os.path.join(self.info.location, path)) as img:
-      return np.asarray(load_rgb(img, self._min_side), dtype=np.uint8), label
+    return read_image_file(os.path.join(self.info.location, path), self._min_side,
+                           fast=self.fast_jpeg), label
 
   def _read_labels(self) -> tuple[np.ndarray, dict[int, BaseException]]:
     return np.array([label for _, label in self._files], np.int64), {}

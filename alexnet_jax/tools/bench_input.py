@@ -5,6 +5,14 @@
 
 Measures, in one run and interleaved (so drift on a noisy machine hits all alike), training
 images/s of:
+  0. with ``--data``, the decoders compared (``--compare_decoders``): the grain pipeline on the
+     prepared set as it was before the fast JPEG path (every record decoded by PIL, the reflected
+     window copied in numpy's one pass, the windows stacked) and as it is (libjpeg-turbo's own
+     interface, the window copied channel by channel straight into the batch), each with 1 and 2
+     worker processes (``--compare_workers``), these runs interleaved among themselves:
+     images/s, images per CPU-second of the input's processes (the main one and its workers:
+     what one host core delivers, however busy the machine is with other work) and the ratio of
+     the two paths per core, and how each scales from the first worker count to the last;
   1. the grain pipeline on a prepared set (``--data``): decode the stored 256² JPEG, random crop,
      reflection and PCA coefficients, uint8 batches;
   2. with ``--folder`` (the original JPEG folder the set was prepared from): the same pipeline
@@ -24,6 +32,7 @@ it. Timing only — the figures never gate a test.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import time
@@ -34,7 +43,7 @@ from absl import app, flags
 from PIL import Image
 
 from alexnet_jax import cli, configs, distributed, program
-from alexnet_jax.data import catalog, inputs, pipeline, sources
+from alexnet_jax.data import catalog, inputs, pipeline, records, sources
 
 # ---------------------------------------------------------------------------
 # A folder to benchmark with
@@ -64,7 +73,7 @@ def make_folder(directory: str, images: int, *, classes: int = 10, seed: int = 0
 # ---------------------------------------------------------------------------
 
 
-def _time_iterator(make_iter, batch_size: int, batches: int, warmup: int) -> float:
+def time_iterator(make_iter, batch_size: int, batches: int, warmup: int) -> float:
   """images/s of an iterator after `warmup` batches (worker start-up is not throughput)."""
   it = make_iter()
   try:
@@ -80,10 +89,120 @@ def _time_iterator(make_iter, batch_size: int, batches: int, warmup: int) -> flo
       close()
 
 
-def grain_iterator(source, *, batch_size: int, crop: int, workers: int, seed: int = 0):
+def _tree_cpu_seconds() -> float | None:
+  """CPU seconds (user + system) so far of this process and of every live process below it (the
+  input's worker processes); None where there is no Linux /proc to read them from."""
+  if not os.path.isdir('/proc/self/task'):
+    return None
+  parent, ticks = {}, {}
+  for name in os.listdir('/proc'):
+    if not name.isdigit():
+      continue
+    try:
+      with open(f'/proc/{name}/stat', 'rb') as f:
+        stat = f.read()
+    except OSError:  # gone meanwhile
+      continue
+    fields = stat[stat.rindex(b')') + 2:].split()  # after the command, which may hold spaces
+    parent[int(name)], ticks[int(name)] = int(fields[1]), int(fields[11]) + int(fields[12])
+  tree = {os.getpid()}
+  while True:
+    below = {pid for pid, ppid in parent.items() if ppid in tree} - tree
+    if not below:
+      break
+    tree |= below
+  return sum(ticks.get(pid, 0) for pid in tree) / os.sysconf('SC_CLK_TCK')
+
+
+def _time_with_cpu(make_iter, batch_size: int, batches: int,
+                   warmup: int) -> tuple[float, float | None]:
+  """(images/s, images per CPU-second of the process tree) of an iterator after ``warmup``
+  batches."""
+  it = make_iter()
+  try:
+    for _ in range(warmup):
+      next(it)
+    cpu, start = _tree_cpu_seconds(), time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    wall, cpu_end = time.perf_counter() - start, _tree_cpu_seconds()
+  finally:
+    close = getattr(it, 'close', None)
+    if close is not None:
+      close()
+  images = batches * batch_size
+  per_cpu = images / (cpu_end - cpu) if cpu is not None and cpu_end > cpu else None
+  return images / wall, per_cpu
+
+
+def grain_iterator(source, *, batch_size: int, crop: int, workers: int, seed: int = 0,
+                   augment_cls: type[pipeline.TrainAugment] = pipeline.TrainAugment):
   return lambda: iter(
       pipeline.train_dataset(source, global_batch_size=batch_size, crop_size=crop, seed=seed,
-                             workers=workers, resize_to=256, pca_std=0.1))
+                             workers=workers, resize_to=256, pca_std=0.1, augment_cls=augment_cls))
+
+
+class PreviousAugment(pipeline.TrainAugment):
+  """TrainAugment with the copies it had before: each window copied per example by numpy's single
+  copy of the reflected view (which moves one 3-byte pixel per inner loop), then stacked."""
+
+  cut_in_batch = False
+
+  def crop(self, image: np.ndarray, top: int, left: int, flipped: bool,
+           out: np.ndarray | None = None) -> np.ndarray:
+    window = image[top:top + self.crop_size, left:left + self.crop_size]
+    window = np.ascontiguousarray(window[:, ::-1] if flipped else window)
+    if out is not None:
+      out[...] = window
+      return out
+    return window
+
+
+# The prepared set's training input before and after the fast JPEG path: name → (the source's
+# fast_jpeg, the TrainAugment class).
+DECODER_PATHS = {
+    'before: PIL': (False, PreviousAugment),
+    'now: libjpeg-turbo': (True, pipeline.TrainAugment),
+}
+
+
+def measure_decoders(*, data: str, data_dir: str | None, worker_counts=(1, 2), batch_size: int,
+                     crop: int, batches: int, warmup: int, repeats: int) -> dict:
+  """The prepared set's training input along each of ``DECODER_PATHS`` with each worker count,
+  interleaved, the best of ``repeats`` rounds: images/s, images per CPU-second (``per_core``),
+  the last path's per-core figure over the first's (``ratio``, per worker count) and each path's
+  images/s with the last worker count over the first (``scaling``). At least two batches a worker
+  are let pass untimed: the workers take turns, and the start-up of one that has not delivered yet
+  is no throughput."""
+  cfg = configs.dataset_config(name=data, data_dir=data_dir)
+  source = catalog.open_source(cfg, 'train', min_side=256)
+  runs = {}
+  for workers in worker_counts:
+    for path, (fast, augment_cls) in DECODER_PATHS.items():
+      variant = copy.copy(source)
+      variant.fast_jpeg = fast
+      runs[path, workers] = grain_iterator(variant, batch_size=batch_size, crop=crop,
+                                           workers=workers, augment_cls=augment_cls)
+  ips = {k: 0.0 for k in runs}
+  per_core: dict = {k: None for k in runs}
+  for _ in range(repeats):
+    for key, make in runs.items():
+      wall, per_cpu = _time_with_cpu(make, batch_size, batches, max(warmup, 2 * key[1]))
+      ips[key] = max(ips[key], wall)
+      if per_cpu is not None:
+        per_core[key] = max(per_core[key] or 0.0, per_cpu)
+  first, last = list(DECODER_PATHS)[0], list(DECODER_PATHS)[-1]
+  ratio = {
+      w: per_core[last, w] / per_core[first, w]
+      for w in worker_counts
+      if per_core[last, w] and per_core[first, w]
+  }
+  scaling = {
+      path: ips[path, worker_counts[-1]] / ips[path, worker_counts[0]] for path in DECODER_PATHS
+  } if len(worker_counts) > 1 else {}
+  return dict(batch_size=batch_size, crop=crop, worker_counts=tuple(worker_counts),
+              paths=tuple(DECODER_PATHS), images_per_second=ips, per_core=per_core, ratio=ratio,
+              scaling=scaling, fast_decoder=records.simplejpeg is not None)
 
 
 class _PilFolder:
@@ -174,7 +293,7 @@ def measure_pipelines(*, data: str | None, data_dir: str | None, folder: str | N
   best = {k: 0.0 for k in runs}
   for _ in range(repeats):
     for name, make in runs.items():
-      best[name] = max(best[name], _time_iterator(make, batch_size, batches, warmup))
+      best[name] = max(best[name], time_iterator(make, batch_size, batches, warmup))
   result = dict(workers=workers, batch_size=batch_size, crop=crop, images_per_second=best,
                 torch_baseline=labels.get('torch, original JPEGs'))
   base = best.get('torch, original JPEGs')
@@ -254,6 +373,32 @@ def main(argv):
     print(f'  step fed by the input pipeline     {r["pipeline_images_per_second"]:9.1f} img/s   '
           f'ratio {r["overlap"]:.3f}')
     return
+  if f.data and f.compare_decoders:
+    try:
+      counts = [int(w) for w in f.compare_workers]
+    except ValueError:
+      counts = []
+    if not counts or min(counts) < 0:
+      raise app.UsageError(f'--compare_workers={",".join(f.compare_workers)}: give worker counts '
+                           '>= 0 (0: in this process), e.g. 1,2')
+    d = measure_decoders(data=f.data, data_dir=f.data_dir, worker_counts=counts,
+                         batch_size=f.batch_size, crop=f.crop, batches=f.batches, warmup=f.warmup,
+                         repeats=f.repeats)
+    print(f'prepared set {f.data}, batch {d["batch_size"]}, {d["crop"]}² crops, the decoders '
+          f'compared ({os.cpu_count()} cores; per core: images per CPU-second of the input '
+          'processes):')
+    if not d['fast_decoder']:
+      print('  (simplejpeg is not installed: the "now" path decodes with PIL too)')
+    for workers in d['worker_counts']:
+      for path in d['paths']:
+        core = d['per_core'][path, workers]
+        shown = f'{core:9.1f}' if core is not None else '        -'
+        print(f'  {workers} workers, {path:20s} {d["images_per_second"][path, workers]:9.1f} '
+              f'img/s {shown} img/s per core')
+      if workers in d['ratio']:
+        print(f'  {workers} workers: now / before, per core {d["ratio"][workers]:.2f}x')
+    for path, x in d['scaling'].items():
+      print(f'  {path}: {d["worker_counts"][-1]} workers / {d["worker_counts"][0]}: {x:.2f}x img/s')
   r = measure_pipelines(data=f.data, data_dir=f.data_dir, folder=f.folder, workers=f.workers,
                         batch_size=f.batch_size, crop=f.crop, batches=f.batches, warmup=f.warmup,
                         repeats=f.repeats, use_torch=f.torch)
@@ -280,6 +425,11 @@ def _define_flags() -> None:
   flags.DEFINE_integer('warmup', 3, 'Untimed batches first (worker start-up).', lower_bound=0)
   flags.DEFINE_integer('repeats', 2, 'Interleaved rounds; the best of each is kept.', lower_bound=1)
   flags.DEFINE_bool('torch', True, "Also time torch's DataLoader on --folder when installed.")
+  flags.DEFINE_bool(
+      'compare_decoders', True, 'With --data: time the prepared set before and '
+      'after the fast JPEG path, per core, with each of --compare_workers.')
+  flags.DEFINE_list('compare_workers', ['1', '2'], 'Worker counts for --compare_decoders (0: '
+                    'the pipeline in this process).')
   flags.DEFINE_bool('overlap', False, 'Measure the step fed by the pipeline vs a fixed batch '
                     '(needs --config).')
   flags.DEFINE_integer('steps', 20, 'Timed training steps per overlap measurement.', lower_bound=1)
