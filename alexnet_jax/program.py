@@ -24,6 +24,18 @@ from alexnet_jax.steps import TrainState
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
+# config.compute_dtype='bfloat16' is mixed precision, by this policy (tests/test_precision.py
+# checks each line):
+# - parameters, their gradients, the optimiser's state and batch norm's running statistics are
+#   float32 (the state is built and updated in float32; layers cast a parameter to the dtype of
+#   their input where they use it, so its gradient arrives back in float32);
+# - images are normalised to the compute dtype on the device, and every activation, convolution
+#   and matmul runs in it (XLA accumulates bfloat16 products in float32);
+# - logits are cast to float32 before the softmax, the cross-entropy and the ranks; the loss and
+#   the metrics are float32;
+# - LRN's sum of squares and its power, and batch norm's moments, are computed in float32: in
+#   bfloat16 every term of the sum would be rounded (layers.local_response_norm).
+
 
 @dataclasses.dataclass
 class Program:

@@ -1,6 +1,7 @@
 """The command-line tools: summary (counts from eval_shape) and bench (runs, prints figures)."""
 
 import json
+import math
 import os
 import runpy
 import subprocess
@@ -9,12 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from alexnet_jax import program
+from alexnet_jax import configs, program
 from alexnet_jax.configs import base_config
 from alexnet_jax.models import describe
-from alexnet_jax.tools import summary
+from alexnet_jax.tools import device_check, summary
 
-from helpers import PAPER_NEURONS
+from helpers import PAPER_NEURONS, XLA_FAST_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,14 +36,17 @@ def test_summary_table(towers, params):
     assert 'tower 1: model device 1' in table['layers'][0]['placement']
 
 
-def _run_tool(module, *args):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+def _run_tool(module, *args, env=None):
+  env = {
+      **os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu',
+      **(env or {})
+  }
   return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=600)
 
 
-def _tool(module, *args):
-  proc = _run_tool(module, *args)
+def _tool(module, *args, env=None):
+  proc = _run_tool(module, *args, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
@@ -108,3 +112,44 @@ def test_bench_cli_prints_figures():
   config.batch_size = 8
   assert out['step_gflops'] * 1e9 == pytest.approx(_step_flops(config), rel=1e-6)
   assert out['step_gflops'] * 1e9 > 3 * 8 * _forward_matmul_flops_per_image(config)
+
+
+def test_device_suite_checks_the_device_and_reports_every_figure(tmp_path):
+  """``bench --suite=device`` on this CPU-only machine: the same code at tiny sizes (the CPU is
+  then the device, so the correctness check must find no difference at all)."""
+  out_file = tmp_path / 'device.json'
+  out = json.loads(
+      _tool('alexnet_jax.tools.bench', '--suite=device', '--json', f'--out={out_file}',
+            f'--data_dir={tmp_path / "data"}', '--networks=alexnet',
+            env={'XLA_FLAGS': XLA_FAST_COMPILE}))
+  assert json.loads(out_file.read_text()) == out
+  assert (out['platform'], out['sizes'], out['ok']) == ('cpu', 'tiny', True)
+  assert [c['dtype'] for c in out['correctness']] == ['float32', 'bfloat16']
+  for c in out['correctness']:
+    assert c['ok'] and c['loss_relative_difference'] == 0.0 == c['param_relative_difference']
+    assert len(c['device_losses']) == c['steps'] == 3 and all(map(math.isfinite, c['cpu_losses']))
+  rows = {(r['network'], r['dtype']): r for r in out['training']}
+  assert len(rows) == 4  # the two-tower AlexNet at batch 8 and 16, in both dtypes
+  for dtype in ('float32', 'bfloat16'):
+    for network in ('alexnet (two towers)', 'alexnet (two towers), largest batch'):
+      r = rows[network, dtype]
+      assert r['images_per_second'] == pytest.approx(r['batch'] / r['step_seconds'])
+      assert r['step_gflops'] > 0 and r['parameters'] > 0
+      assert r['peak_tflops'] is None and r['model_flop_utilisation'] is None  # no CPU peak
+    assert rows['alexnet (two towers), largest batch', dtype]['batch'] == 16
+  # The other networks (timed on an accelerator by default) are valid configs at both sizes.
+  for sizes in (device_check.TINY, device_check.FULL):
+    for _, model, fields in device_check.NETWORKS.values():
+      configs.check_fields(device_check._config(model, sizes, 'bfloat16', 8, **fields))
+  # The step's FLOPs are XLA's own count of the compiled step, as the framework suite's.
+  config = device_check._config('alexnet', device_check.TINY, 'float32', 8)
+  assert rows['alexnet (two towers)', 'float32']['step_gflops'] * 1e9 == pytest.approx(
+      _step_flops(config), rel=1e-6)
+  i = out['input']
+  assert i['images_per_second'] > 0 and i['fed_vs_fixed'] > 0 and i['workers'] >= 1
+  assert device_check.peak_for('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.0
+  assert device_check.peak_for('TPU v5 lite', 'float32') == 197.0
+  assert device_check.peak_for('cpu', 'float32') is None
+  assert device_check.peak_for('cpu', 'float32', override=2.5) == 2.5
+  bad = _run_tool('alexnet_jax.tools.bench', '--suite=device', '--networks=lenet')
+  assert bad.returncode == 2 and "error: 'lenet' is not a network" in bad.stderr

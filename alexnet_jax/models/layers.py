@@ -98,12 +98,19 @@ def local_response_norm(x: jax.Array, *, k: float = 2.0, n: int = 5, alpha: floa
   c = x.shape[-1]
   channel = jnp.arange(c)
   lo, hi = n // 2, n - 1 - n // 2  # the window of map c is [c - lo, c + hi]
+  # The denominator in float32 whatever the compute dtype (the mixed-precision policy in
+  # program.py): a bfloat16 result is then the float32 normalisation rounded once, where in
+  # bfloat16 every square, every partial sum and k + alpha * sum would be rounded (the last drops
+  # alpha * sum entirely while it is below k * 2^-8); float16's squares would overflow above 256.
+  wide = x.astype(jnp.float32)
   window = ((channel[None, :] - channel[:, None] <= lo) &
-            (channel[:, None] - channel[None, :] <= hi)).astype(x.dtype)
-  denom = k + alpha * jnp.einsum('...c,cd->...d', jnp.square(x), window)
+            (channel[:, None] - channel[None, :] <= hi)).astype(jnp.float32)
+  denom = k + alpha * jnp.einsum('...c,cd->...d', jnp.square(wide), window)
   if beta == 0.75:  # the paper's value: two square roots beat a general power on every backend
-    return x * jax.lax.rsqrt(denom * jnp.sqrt(denom))
-  return x * jnp.power(denom, -beta)
+    scale = jax.lax.rsqrt(denom * jnp.sqrt(denom))
+  else:
+    scale = jnp.power(denom, -beta)
+  return (wide * scale).astype(x.dtype)
 
 
 def _pool_windows(x: jax.Array, window: int, stride: int):

@@ -8,6 +8,11 @@ or a 1×1 convolution with batch norm where the shape changes (the paper's optio
 (and its Caffe models) a bottleneck's stride sits on its first 1×1 convolution; ``stride_on_3x3``
 moves it to the 3×3 one (torchvision's "v1.5"); the parameter count is the same.
 
+``residual=False`` gives the paper's "plain" networks, its baselines: the same stacks without any
+shortcut, y = ReLU(F(x)), so also without the projection shortcuts (plain-18 and plain-34 have
+173,824 parameters fewer than ResNet-18 and ResNet-34, those of the three 1×1 projections and
+their batch norms).
+
 Batch statistics are over the global batch: each batch norm averages its per-device moments over
 the data shards (``exchange.data_mean``). Initialisation: He et al.'s N(0, 2/fan_in) for the
 convolutions, N(0, 0.01) for the fc, BN scale 1 and shift 0. No dropout.
@@ -49,6 +54,7 @@ class ResNetSpec:
   width: float = 1.0
   stride_on_3x3: bool = False
   bn_momentum: float = 0.9
+  residual: bool = True  # False: He et al.'s plain network, no shortcuts
 
   towers: ClassVar[int] = 1  # one dense tower
   splits_batch_over_towers: ClassVar[bool] = False
@@ -83,11 +89,12 @@ class Block(nnx.Module):
     self.convs = nnx.List([_conv(a, b, k, rngs, stride=s) for a, b, k, s in plan])
     self.bns = nnx.List([BatchNorm(b, momentum=spec.bn_momentum) for _, b, _, _ in plan])
     self.out_features = plan[-1][1]
-    if stride != 1 or cin != self.out_features:
+    if spec.residual and (stride != 1 or cin != self.out_features):
       self.shortcut = _conv(cin, self.out_features, 1, rngs, stride=stride)
       self.shortcut_bn = BatchNorm(self.out_features, momentum=spec.bn_momentum)
     else:
       self.shortcut = self.shortcut_bn = None
+    self.residual = spec.residual
 
   def __call__(self, x, *, train: bool, exchange: TowerExchange):
     y = x
@@ -95,6 +102,8 @@ class Block(nnx.Module):
       y = bn(conv(y), train=train, exchange=exchange)
       if i + 1 < len(self.convs):
         y = jax.nn.relu(y)
+    if not self.residual:
+      return jax.nn.relu(y)
     if self.shortcut is not None:
       x = self.shortcut_bn(self.shortcut(x), train=train, exchange=exchange)
     return jax.nn.relu(y + x)

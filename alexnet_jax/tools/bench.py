@@ -1,6 +1,11 @@
 """Training throughput of the framework's step against a bare ``jax.jit`` step (and PyTorch):
 
   python -m alexnet_jax.tools.bench --config=configs/two_gpu.py [--batch_size=64]
+  python -m alexnet_jax.tools.bench --suite=device [--json] [--out=FILE] [--peak_tflops=X]
+
+``--suite=device`` checks whatever accelerator is present instead (``tools.device_check``:
+correctness against the host CPU, every network's images/s and FLOP utilisation in float32 and
+bfloat16, peak memory, the host's input pipeline). Otherwise:
 
 
 Measures, in one run and on the same synthetic batch:
@@ -17,18 +22,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import flags
+from absl import app, flags
 from flax import nnx
 
-from alexnet_jax import cli, distributed, models, program, sharding
+from alexnet_jax import cli, distributed, models, program, sharding, storage
 from alexnet_jax.steps import normalize
-from alexnet_jax.tools import bench_torch
+from alexnet_jax.tools import bench_torch, device_check
 
 
 def _time_steps(step, state, batch, steps: int, warmup: int):
@@ -133,6 +141,8 @@ def _torch_trainer(config, batch_size: int):
 
 def main(argv):
   del argv
+  if flags.FLAGS.suite == 'device':
+    return device_main()
   config = cli.config_or_usage_error()
   # The configured mesh, emulated on a CPU-only machine.
   config.emulate_cpu_devices = max(config.emulate_cpu_devices,
@@ -161,6 +171,28 @@ def main(argv):
     print(f'  model FLOP utilisation {100 * result["model_flop_utilisation"]:.1f}%')
 
 
+def device_main():
+  if flags.FLAGS.config is not None:
+    raise app.UsageError('--suite=device chooses its own networks: drop --config')
+  data_dir = flags.FLAGS.data_dir or tempfile.mkdtemp(prefix='device_check_')
+  say = (lambda line: None) if flags.FLAGS.json else (lambda line: print(line, flush=True))
+  try:
+    result = device_check.run(data_dir=data_dir, peak_tflops=flags.FLAGS.peak_tflops,
+                              networks=flags.FLAGS.networks, dtypes=flags.FLAGS.dtypes, say=say)
+  finally:
+    if not flags.FLAGS.data_dir:
+      shutil.rmtree(data_dir, ignore_errors=True)
+  if flags.FLAGS.out:
+    storage.write_text(flags.FLAGS.out, json.dumps(result, indent=1) + '\n', atomic=True)
+  if flags.FLAGS.json:
+    print(json.dumps(result, indent=1))
+  if not result['ok']:
+    print(
+        "error: the device's training steps disagree with the CPU's beyond the tolerance "
+        '(see correctness above)', file=sys.stderr)
+    sys.exit(1)
+
+
 def _define_flags() -> None:
   cli.define_tool_flags('Print one JSON object.')
   cli.define_huge_pages_flag()
@@ -171,8 +203,20 @@ def _define_flags() -> None:
   flags.DEFINE_integer('repeats', 3, 'Alternating measurement rounds; the best is kept.',
                        lower_bound=1)
   flags.DEFINE_bool('torch', True, 'Also time PyTorch eager when torch is installed.')
-  flags.DEFINE_float('peak_tflops', 0.0, 'Device peak TFLOP/s for the MFU figure (0: none).',
-                     lower_bound=0.0)
+  flags.DEFINE_float(
+      'peak_tflops', 0.0, 'Device peak TFLOP/s for the MFU figure (0: none; '
+      '--suite=device: its table of common GPUs and TPUs).', lower_bound=0.0)
+  flags.DEFINE_enum(
+      'suite', 'framework', ('framework', 'device'),
+      "'framework': --config's step against a bare jit step and PyTorch; 'device': "
+      'check the accelerator present (tools.device_check).')
+  flags.DEFINE_list('networks', list(device_check.NETWORKS),
+                    '--suite=device: the networks to time.')
+  flags.DEFINE_list('dtypes', list(device_check.DTYPES), '--suite=device: the compute dtypes.')
+  flags.DEFINE_string('out', None, '--suite=device: also write the JSON to this file.')
+  flags.DEFINE_string(
+      'data_dir', None, '--suite=device: where to keep its prepared benchmark set '
+      '(default: a temporary folder, deleted after).')
 
 
 if __name__ == '__main__':

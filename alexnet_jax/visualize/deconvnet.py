@@ -41,7 +41,7 @@ def make_apply(graphdef: nnx.GraphDef) -> Apply:
     model = nnx.merge(graphdef, params)
     if deconv and not model.supports_deconv:
       raise ConfigError(f'{type(model).__name__} has no deconvnet (its supports_deconv is False): '
-                        'projections need AlexNet, ZFNet or VGG')
+                        "projections need AlexNet (with model.activation='relu'), ZFNet or VGG")
     out = model(images, capture=True, deconv=deconv)
     return out.logits, out.activations
 
