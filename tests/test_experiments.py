@@ -335,8 +335,9 @@ args = sys.argv[1:]
 log = os.environ['SBATCH_LOG']
 with open(log, 'a') as f:
   f.write(' '.join(args) + '\n')
-options = [a for a in args if a.startswith('--')]
-script = args[len(options):]
+# sbatch's own options come before the script; what follows it is the script's.
+first = next(i for i, a in enumerate(args) if not a.startswith('--'))
+options, script = args[:first], args[first:]
 job = str(1000 + sum(1 for _ in open(log)))
 env = dict(os.environ, SLURM_JOB_ID=job)
 for o in options:
