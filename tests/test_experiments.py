@@ -326,6 +326,23 @@ def test_micro_suite_interrupted_and_resumed_reports_the_runs_own_final_metrics(
   assert json.loads((workdir / 'report.json').read_text())['rows'] == summary['rows']
 
 
+def test_a_variant_that_diverges_is_a_row_saying_so_and_the_suite_goes_on(tmp_path, shared):
+  suite = _suite_file(tmp_path / 'diverging.py', "{'optim.learning_rate': 1e6}")
+  workdir = tmp_path / 'suite'
+  proc = _run(['run', suite, f'--workdir={workdir}'], shared['env'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'no_lrn, seed 0: diverged (training diverged at step' in proc.stdout
+  summary = json.loads((workdir / 'report.json').read_text())
+  rows = {r['variant']: r for r in summary['rows']}
+  assert rows['no_lrn']['diverged'] == [0] and rows['no_lrn']['seeds'] == []
+  assert rows['no_lrn']['val_top1_error']['mean'] is None
+  assert rows['lrn']['seeds'] == [0] and rows['lrn']['val_top1_error']['mean'] is not None
+  assert '| no_lrn | 0 (+1 diverged) |' in (workdir / 'report.md').read_text()
+  # Finished, as far as the suite is concerned: the same command trains nothing again.
+  again = _run(['run', suite, f'--workdir={workdir}'], shared['env'])
+  assert again.returncode == 0 and 'no_lrn, seed 0: finished before (diverged' in again.stdout
+
+
 SBATCH = r"""#!/usr/bin/env python3
 # A stand-in for sbatch: records its arguments; runs an --array's elements one after another with
 # the variables SLURM gives them, and a job with --export=ALL,NAME=VALUE with that variable; prints

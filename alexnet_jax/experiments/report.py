@@ -48,8 +48,11 @@ def summarize(suite: suite_lib.Suite, scale: str, results: Sequence[Mapping],
   rows = []
   for v in suite.variants:
     runs = sorted(by_variant[v.name], key=lambda r: r['seed'])
+    diverged = [r['seed'] for r in runs if r.get('diverged')]
+    runs = [r for r in runs if not r.get('diverged')]
     row = dict(variant=v.name, description=v.description, overrides=dict(v.overrides),
-               seeds=[r['seed'] for r in runs], paper=dict(v.paper), claim=v.claim)
+               seeds=[r['seed'] for r in runs], diverged=diverged, paper=dict(v.paper),
+               claim=v.claim)
     for key in ('train_top1_error', 'val_top1_error', 'val_top5_error'):
       values = [r[key] for r in runs if r.get(key) is not None]
       row[key] = dict(values=values, mean=_stats(values)[0], std=_stats(values)[1])
@@ -159,7 +162,7 @@ def markdown(summary: Mapping) -> str:
     p = r['paper']
     line = [
         r['variant'],
-        len(r['seeds']),
+        f'{len(r["seeds"])} (+{len(r["diverged"])} diverged)' if r['diverged'] else len(r['seeds']),
         _mean_std(r['train_top1_error']),
         _mean_std(r['val_top1_error']),
         _mean_std(r['val_top5_error']),
@@ -189,8 +192,9 @@ def markdown(summary: Mapping) -> str:
       report_lib.markdown_table(header, table),
   ]
   described = [
-      f'- `{r["variant"]}`: {r["description"]}' + (f' — paper: {r["claim"]}' if r['claim'] else '')
-      for r in rows
+      f'- `{r["variant"]}`: {r["description"]}' +
+      (f' — paper: {r["claim"]}' if r['claim'] else '') +
+      (f' — diverged with seeds {r["diverged"]}' if r['diverged'] else '') for r in rows
   ]
   parts.append('\n'.join(described))
   ens = summary.get('ensemble')

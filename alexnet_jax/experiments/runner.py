@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from alexnet_jax import configs, evaluate, metrics, storage, train
-from alexnet_jax.errors import ConfigError
+from alexnet_jax.errors import ConfigError, DivergedError
 from alexnet_jax.experiments import suite as suite_lib
 
 PLAN = 'experiment.json'
@@ -161,27 +161,35 @@ def run_task(task: Task, suite_name: str, scale: str) -> dict:
   record['sessions'] += 1
   write_json(run_path, record)
   began = time.perf_counter()
+  diverged = None
   try:
     final = train.train_and_evaluate(task.config, task.workdir)
+  except DivergedError as e:
+    # A variant that diverges is a result of the comparison (tanh at the paper's learning rate,
+    # a plain 34-layer net): its row says so, and the suite goes on with the other runs. Training
+    # is deterministic, so running it again would diverge again: it counts as finished.
+    final, diverged = None, str(e)
   finally:
     record['seconds'] += time.perf_counter() - began
     write_json(run_path, record)
-  result = summarize(task, suite_name, scale, final, record)
+  result = summarize(task, suite_name, scale, final, record, diverged=diverged)
   write_json(os.path.join(task.workdir, RESULT), result)
   return result
 
 
-def summarize(task: Task, suite_name: str, scale: str, final: Mapping[str, float],
-              record: Mapping[str, Any]) -> dict:
+def summarize(task: Task, suite_name: str, scale: str, final: Mapping[str, float] | None,
+              record: Mapping[str, Any], diverged: str | None = None) -> dict:
   """The run's figures for the report: the final validation metrics (what training itself
-  reported) and its training error by epoch from ``metrics.jsonl``."""
+  reported; None where it ``diverged``, with its message) and its training error by epoch from
+  ``metrics.jsonl``."""
   curve = train_curve(task.workdir)
-  last = curve[-1] if curve else {}
+  last = curve[-1] if curve and diverged is None else {}
+  value = lambda key: None if final is None else float(final[key])
   return dict(suite=suite_name, variant=task.variant, seed=task.seed, scale=scale,
-              val_top1_error=float(final['top1_error']), val_top5_error=float(final['top5_error']),
-              val_loss=float(final['loss']), train_top1_error=last.get('top1_error'),
-              train_top5_error=last.get('top5_error'), train_loss=last.get('loss'),
-              epochs=int(task.config.num_epochs), curve=curve,
+              diverged=diverged, val_top1_error=value('top1_error'),
+              val_top5_error=value('top5_error'), val_loss=value('loss'),
+              train_top1_error=last.get('top1_error'), train_top5_error=last.get('top5_error'),
+              train_loss=last.get('loss'), epochs=int(task.config.num_epochs), curve=curve,
               images_per_second=_mean_or_none([c['images_per_second'] for c in curve]),
               seconds=float(record['seconds']), sessions=int(record['sessions']))
 
@@ -226,13 +234,12 @@ def run(tasks: list[Task], suite: suite_lib.Suite, scale: str, *, total: int | N
     done = finished(task)
     tag = f'[task {task.index + 1} of {total or len(tasks)}] {task.variant}, seed {task.seed}'
     if done is not None:
-      say(f'{tag}: finished before (val top-1 error {100 * done["val_top1_error"]:.2f}%)')
+      say(f'{tag}: finished before ({_outcome(done)})')
       results.append(done)
       continue
     say(f'{tag}: training in {task.workdir}')
     result = run_task(task, suite.name, scale)
-    say(f'{tag}: val top-1 error {100 * result["val_top1_error"]:.2f}%, top-5 '
-        f'{100 * result["val_top5_error"]:.2f}%, {result["seconds"]:.0f} s')
+    say(f'{tag}: {_outcome(result)}, {result["seconds"]:.0f} s')
     results.append(result)
   return results
 
@@ -248,6 +255,13 @@ def share_compilations(workdir: str) -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+def _outcome(result: Mapping) -> str:
+  if result.get('diverged'):
+    return f'diverged ({result["diverged"]})'
+  return (f'val top-1 error {100 * result["val_top1_error"]:.2f}%, top-5 '
+          f'{100 * result["val_top5_error"]:.2f}%')
+
+
 def missing(tasks: list[Task]) -> list[Task]:
   return [t for t in tasks if finished(t) is None]
 
@@ -255,7 +269,10 @@ def missing(tasks: list[Task]) -> list[Task]:
 def evaluate_ensemble(tasks: list[Task], suite: suite_lib.Suite, workdir: str) -> dict | None:
   """The reference variant's finished seeds as one ensemble (softmax averaged, as the papers'
   ensembles), evaluated once and kept in ``ENSEMBLE``; None with fewer than two seeds."""
-  members = [t for t in tasks if t.variant == suite.reference and finished(t) is not None]
+  members = [
+      t for t in tasks
+      if t.variant == suite.reference and (finished(t) or {}).get('val_top1_error') is not None
+  ]
   if len(members) < 2:
     return None
   path = os.path.join(workdir, ENSEMBLE)
