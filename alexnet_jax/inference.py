@@ -63,13 +63,14 @@ def _pooled(x: jax.Array, pool: str) -> jax.Array:
 
 
 def make_outputs_step(graphdef, ctx: sharding.MeshContext, *, mean_rgb, std_rgb,
-                      compute_dtype=jnp.float32, mean_image=None, channel_order: str = 'rgb',
-                      layers: Sequence[str] = (), pool: str = 'none',
+                      compute_dtype=jnp.float32, mean_image=None, pca_basis=None,
+                      channel_order: str = 'rgb', layers: Sequence[str] = (), pool: str = 'none',
                       probabilities: bool = True) -> Callable:
   """``(params, batch_stats, batch) → {'probs', layer..., 'label'}`` for one device's share of
   the batch. ``probs``: the softmax over the classes in float32, averaged over the views of an
   example (``batch['image']`` ``(b, views, H, W, 3)``); each layer's activations, pooled
   (``_pooled``) and averaged over the views likewise."""
+  del pca_basis  # colour shifts are a training augmentation (a Program's norm carries it)
   if pool not in POOLS:
     raise ConfigError(f'unknown pooling {pool!r}; choose one of {", ".join(POOLS)}')
   norm = dict(mean_rgb=mean_rgb, std_rgb=std_rgb, mean_image=mean_image,

@@ -30,7 +30,8 @@ from helpers import XLA_FAST_COMPILE
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM_SCRIPT = os.path.join(REPO, 'launch', 'slurm_experiments.sh')
 
-# Two variants of a two-tower AlexNet at sizes that train in seconds: 4 steps an epoch, 2 epochs.
+# Two variants of a two-tower AlexNet at sizes that train in seconds: 4 steps an epoch, 2 epochs;
+# the paper's input recipe (mean image, PCA lighting), which the ensemble's evaluation must take.
 MICRO_SUITE = """
 from alexnet_jax import configs
 from alexnet_jax.experiments import papers
@@ -39,7 +40,7 @@ from alexnet_jax.experiments.suite import Suite, Variant
 
 def base():
   c = papers.demo_base(configs.model_config('alexnet', width=0.0625, init='he'), image_size=72,
-                   crop=67, epochs=2, batch=16, towers=2)
+                   crop=67, epochs=2, batch=16, towers=2, pca=0.1)
   c.dataset.update(num_train=64, num_val=24)
   c.eval_batch_size = 24
   c.input.workers = 0
