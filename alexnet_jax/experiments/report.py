@@ -204,9 +204,9 @@ def markdown(summary: Mapping) -> str:
             f'top-1 {_pct(ens["top1_error"])} %, top-5 {_pct(ens["top5_error"])} % '
             f'({ens["delta_top1_vs_mean_member"]:+.1f} top-1 against its members\' mean).')
     if paper:
+      ref = next(r for r in rows if r['variant'] == summary['reference'])['paper']
       text += (f' Paper, {paper["row"]}: {paper["top1"]} / {paper["top5"]} against 1 net '
-               f'{summary["rows"][0]["paper"].get("top1")} / '
-               f'{summary["rows"][0]["paper"].get("top5")}.')
+               f'{ref.get("top1")} / {ref.get("top5")}.')
     parts.append(text)
   return '\n\n'.join(parts)
 
