@@ -78,6 +78,17 @@ def interrupt_on_call(monkeypatch, module, name: str, n: int) -> None:
   monkeypatch.setattr(module, name, flaky)
 
 
+def conv_transpose(g, kernel, stride, pad, in_size):
+  """The deconvnet's filtering with the transposed filters, in NumPy: every output's signal
+  spread back over its window."""
+  kh, kw, cin, _ = kernel.shape
+  out = np.zeros((in_size + 2 * pad, in_size + 2 * pad, cin))
+  for i in range(g.shape[0]):
+    for j in range(g.shape[1]):
+      out[i * stride:i * stride + kh, j * stride:j * stride + kw] += kernel @ g[i, j]
+  return out[pad:pad + in_size, pad:pad + in_size]
+
+
 # For tests that start real training processes: XLA's CPU backend without its expensive passes
 # compiles the train step ~4x faster (same losses at these sizes), and the preset tunable spares
 # each process its restart for huge pages (host.py).

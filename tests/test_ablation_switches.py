@@ -19,7 +19,7 @@ from alexnet_jax.models.resnet import Block, ResNetSpec
 from alexnet_jax.tools import comm_map
 from alexnet_jax.visualize import deconvnet
 
-from helpers import tiny_config
+from helpers import conv_transpose, tiny_config
 
 # The zoo's small programs compile at XLA's optimisation level 0 (same programs, same results).
 FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
@@ -178,16 +178,6 @@ def test_disjoint_pools_take_each_2x2_blocks_maximum():
   assert all(np.asarray(a).min() >= 0 for n, a in acts.items() if n != 'fc8')  # ReLU units
 
 
-def _conv_transpose(g, kernel, stride, pad, in_size):
-  """Filtering with the transposed filters: every output's signal spread back over its window."""
-  kh, kw, cin, _ = kernel.shape
-  out = np.zeros((in_size + 2 * pad, in_size + 2 * pad, cin))
-  for i in range(g.shape[0]):
-    for j in range(g.shape[1]):
-      out[i * stride:i * stride + kh, j * stride:j * stride + kw] += kernel @ g[i, j]
-  return out[pad:pad + in_size, pad:pad + in_size]
-
-
 def test_deconvnet_unpools_through_disjoint_pools():
   """conv2's projection through 2x2 pools at stride 2, by hand: conv2's transposed filters, the
   signal back to each block's (first) maximum of pool1's input, rectified, conv1's transposed
@@ -204,7 +194,7 @@ def test_deconvnet_unpools_through_disjoint_pools():
     row, col = (int(p) for p in pos[n])
     top = np.zeros(acts['conv2'].shape[2:])
     top[row, col, c] = values[n]
-    into_pool1 = _conv_transpose(top, k2[tower], 1, 2, 7)
+    into_pool1 = conv_transpose(top, k2[tower], 1, 2, 7)
     unpooled = np.zeros(normalised.shape[2:])
     for i in range(7):
       for j in range(7):
@@ -212,7 +202,7 @@ def test_deconvnet_unpools_through_disjoint_pools():
         for ch in range(block.shape[-1]):
           a, b = np.unravel_index(np.argmax(block[..., ch]), (2, 2))
           unpooled[2 * i + a, 2 * j + b, ch] += into_pool1[i, j, ch]
-    expected = _conv_transpose(np.maximum(unpooled, 0), k1[tower], 4, 0, 67)
+    expected = conv_transpose(np.maximum(unpooled, 0), k1[tower], 4, 0, 67)
     assert values[n] > 0 and np.abs(expected).max() > 0
     np.testing.assert_allclose(proj[n], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 

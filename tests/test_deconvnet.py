@@ -12,7 +12,7 @@ from flax import nnx
 from alexnet_jax.models import create_model, layers
 from alexnet_jax.visualize import checkpoints, deconvnet
 
-from helpers import tiny_config
+from helpers import conv_transpose, tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -47,16 +47,6 @@ def fields(net):
 
 
 # --- The deconvnet's steps, written out in NumPy --------------------------------------------------
-
-
-def conv_transpose(g, kernel, stride, pad, in_size):
-  """Filtering with the transposed filters: every output's signal spread back over its window."""
-  kh, kw, cin, _ = kernel.shape
-  out = np.zeros((in_size + 2 * pad, in_size + 2 * pad, cin))
-  for i in range(g.shape[0]):
-    for j in range(g.shape[1]):
-      out[i * stride:i * stride + kh, j * stride:j * stride + kw] += kernel @ g[i, j]
-  return out[pad:pad + in_size, pad:pad + in_size]
 
 
 def unpool(g, pooled_input, window=3, stride=2):

@@ -146,7 +146,7 @@ def zfnet_table3() -> Suite:
       name='zfnet', title='Zeiler & Fergus Table 3: layers removed, widened, narrowed',
       source='Zeiler & Fergus 2013, Table 3 (ILSVRC-2012; train top-1, val top-1, val top-5)',
       reference='alexnet', variants=variants,
-      bases=dict(demo=lambda: _zfnet_demo(), paper=lambda: configs.paper_recipe('zfnet')),
+      bases=dict(demo=_zfnet_demo, paper=lambda: configs.paper_recipe('zfnet')),
       data=dict(demo=demo_data(76), paper=PAPER_DATA))
 
 
@@ -229,7 +229,7 @@ def resnet_plain() -> Suite:
       reference='plain_18', variants=variants, bases=dict(
           demo=lambda: demo_base(configs.model_config('resnet', width=0.25), image_size=36, crop=32,
                                  epochs=8, learning_rate=0.05),
-          paper=lambda: _resnet_paper()), data=dict(demo=demo_data(36), paper=PAPER_DATA))
+          paper=_resnet_paper), data=dict(demo=demo_data(36), paper=PAPER_DATA))
 
 
 def _resnet_paper():

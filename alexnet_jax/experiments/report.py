@@ -261,11 +261,11 @@ def plot_errors(summary: Mapping) -> Figure:
 def write(workdir: str, suite: suite_lib.Suite, scale: str, tasks) -> dict:
   """Writes ``report.md``, ``report.json``, the figures and ``index.html`` into ``workdir`` from
   the tasks that have finished; returns the summary."""
-  results = [r for r in (runner.finished(t) for t in tasks) if r is not None]
+  found = [(t, runner.finished(t)) for t in tasks]  # each result read once
   ensemble = runner.read_json(os.path.join(workdir, runner.ENSEMBLE))
-  summary = summarize(suite, scale, results, ensemble)
+  summary = summarize(suite, scale, [r for _, r in found if r is not None], ensemble)
   summary['missing'] = [
-      dict(task=t.index, variant=t.variant, seed=t.seed) for t in runner.missing(tasks)
+      dict(task=t.index, variant=t.variant, seed=t.seed) for t, r in found if r is None
   ]
   out = report_lib.Report(workdir, f'{suite.title} — {scale} scale')
   body = markdown(summary)
