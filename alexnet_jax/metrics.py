@@ -7,11 +7,14 @@ epath, at most every ``SYNC_SECONDS`` and when the writer closes (``MetricWriter
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import io
 import json
 import os
 import shutil
+import socket
 import struct
 import sys
 import tempfile
@@ -23,6 +26,7 @@ from absl import logging
 from matplotlib.figure import Figure
 
 from alexnet_jax import storage
+from alexnet_jax.errors import DirectoryError
 
 JSONL = 'metrics.jsonl'
 PLOT = 'training_curves.png'
@@ -31,20 +35,80 @@ TENSORBOARD = 'tensorboard'
 SYNC_SECONDS = 60.0
 
 
-def _summary_writer_class():
-  """tensorboardX's SummaryWriter, imported without PyTorch where that is not loaded yet.
+def _tensorboardx():
+  """tensorboardX, imported without PyTorch where that is not loaded yet.
 
   tensorboardX imports torch, if installed, only to accept torch tensors in its methods (this
   project passes numpy): about 2 s of every start of every process of every run. Hiding torch
   for the length of the import makes that import fail, which tensorboardX handles; torch itself
   imports normally afterwards."""
   if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
-    return importlib.import_module('tensorboardX').SummaryWriter
+    return importlib.import_module('tensorboardX')
   sys.modules['torch'] = None  # `import torch` now raises ImportError
   try:
-    return importlib.import_module('tensorboardX').SummaryWriter
+    return importlib.import_module('tensorboardX')
   finally:
     del sys.modules['torch']
+
+
+class EventFile:
+  """One TensorBoard event file, written in the caller's thread.
+
+  tensorboardX's ``SummaryWriter`` writes from a thread of its own, fed through a
+  multiprocessing queue, and flushes again from an ``atexit`` hook: a disk that fills up then
+  fails in that thread and at exit, after the run has reported what ended it, with tracebacks
+  nobody can act on. Here each event is one TFRecord (a little-endian uint64 length, the masked
+  CRC-32C of it, the serialized ``Event``, the masked CRC-32C of that) appended unbuffered, whole
+  or not at all (``_append_whole``), so a failure is raised where the event is written and the
+  file only ever holds whole records. tensorboardX builds the summaries."""
+
+  def __init__(self, logdir: str):
+    self._tbx = _tensorboardx()
+    os.makedirs(logdir, exist_ok=True)
+    # Two processes of one run (a resume) never share a file: TensorBoard reads them all.
+    name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
+    self.path = os.path.join(logdir, name)
+    self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    self._write(self._tbx.proto.event_pb2.Event(wall_time=time.time(),
+                                                file_version='brain.Event:2'))
+
+  def scalar(self, tag: str, value: float, step: int) -> None:
+    self._add(self._tbx.summary.scalar(tag, value), step)
+
+  def image(self, tag: str, picture: np.ndarray, step: int) -> None:
+    self._add(self._tbx.summary.image(tag, picture, dataformats='HWC'), step)
+
+  def close(self) -> None:
+    os.close(self._fd)
+
+  def _add(self, summary, step: int) -> None:
+    self._write(
+        self._tbx.proto.event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def _write(self, event) -> None:
+    crc = self._tbx.record_writer.masked_crc32c
+    data = event.SerializeToString()
+    header = struct.pack('<Q', len(data))
+    _append_whole(self._fd,
+                  header + struct.pack('<I', crc(header)) + data + struct.pack('<I', crc(data)))
+
+
+def _append_whole(fd: int, data: bytes) -> None:
+  """Appends all of ``data`` to the open file or none of it: a write the disk refuses part-way
+  is cut back off, so the file never ends in part of a line or a record that a resumed run
+  would append after."""
+  start = os.lseek(fd, 0, os.SEEK_END)
+  try:
+    view = memoryview(data)
+    while view:
+      view = view[os.write(fd, view):]
+  except OSError:
+    os.ftruncate(fd, start)
+    raise
+
+
+# The errors with which a disk, not our code, refuses a write.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.ESTALE)
 
 
 class MetricWriter:
@@ -55,6 +119,7 @@ class MetricWriter:
   whole, because object storage appends to nothing (each line would cost a download and an
   upload of the whole file) and tensorboardX writes only local files or, with its own gs://
   writer, uploads from its writer thread, where a failure goes unseen, not through epath.
+  (Events are written by ``EventFile``, which says why not by tensorboardX's own writer.)
   Uploads happen in the caller's thread, so a failure is raised where it happens, in the
   training loop, as a failed write to a local disk is: when ``SYNC_SECONDS`` have passed since
   the last one (checked at each write; far below the rate at which GCS takes new versions of an
@@ -81,7 +146,7 @@ class MetricWriter:
       if storage.path(self.path).exists():  # a resumed run: its history continues
         storage.copy_file(self.path, os.path.join(local, JSONL))
     self._jsonl = os.path.join(local, JSONL)
-    self._tb = _summary_writer_class()(os.path.join(local, TENSORBOARD))
+    self._tb = EventFile(os.path.join(local, TENSORBOARD))
     self._synced = time.monotonic()
     self._uploaded = {}  # remote path → bytes uploaded
 
@@ -89,31 +154,35 @@ class MetricWriter:
     if not self.enabled:
       return
     values = {k: float(v) for k, v in values.items()}
-    with open(self._jsonl, 'a') as f:
-      f.write(json.dumps(dict(step=int(step), split=split, **values)) + '\n')
-    for k, v in values.items():
-      self._tb.add_scalar(f'{split}/{k}', v, int(step))
+    with self._storage_errors():
+      line = json.dumps(dict(step=int(step), split=split, **values)) + '\n'
+      fd = os.open(self._jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+      try:
+        _append_whole(fd, line.encode())
+      finally:
+        os.close(fd)
+      for k, v in values.items():
+        self._tb.scalar(f'{split}/{k}', v, step)
     self._sync_when_due()
 
   def image(self, step: int, tag: str, picture: np.ndarray) -> None:
     """A uint8 ``(H, W, 3)`` picture to TensorBoard."""
     if self.enabled:
-      self._tb.add_image(tag, picture, int(step), dataformats='HWC')
+      with self._storage_errors():
+        self._tb.image(tag, picture, step)
       self._sync_when_due()
 
   def sync(self) -> None:
     """Uploads the staged files now (nothing to do for a local workdir)."""
     if self._staging is None:
       return
-    self._tb.flush()
     self._upload()
 
   def close(self) -> None:
     if self._tb is None:
       return
-    self._tb.flush()
-    self._tb.close()  # its writer thread has written every event when this returns
-    self._tb = None
+    tb, self._tb = self._tb, None
+    tb.close()
     if self._staging is not None:
       try:
         self._upload()
@@ -123,6 +192,20 @@ class MetricWriter:
         raise
       shutil.rmtree(self._staging, ignore_errors=True)
       self._staging = None
+
+  @contextlib.contextmanager
+  def _storage_errors(self):
+    """A local disk that refuses a write (full, over quota, read-only, failing) is the user's to
+    fix: one line saying so. Any other ``OSError`` is raised as it is."""
+    try:
+      yield
+    except OSError as e:
+      if e.errno not in _STORAGE_ERRNOS:
+        raise
+      raise DirectoryError(
+          f'cannot write the metrics in {self._workdir}: {os.strerror(e.errno)} — free space (or '
+          'fix the storage) and rerun the same command: it resumes from the newest checkpoint'
+      ) from None
 
   def _sync_when_due(self) -> None:
     if self._staging is not None and time.monotonic() - self._synced >= SYNC_SECONDS:
@@ -137,9 +220,6 @@ class MetricWriter:
       if not os.path.exists(local):
         continue
       data = _read(local)
-      if remote != self.path:
-        # tensorboardX's writer thread may be in the middle of a record: send the whole ones.
-        data = _whole_records(data)
       if self._uploaded.get(remote) != len(data):  # both files only grow
         storage.write_bytes(remote, data)
         self._uploaded[remote] = len(data)
@@ -149,18 +229,6 @@ class MetricWriter:
 def _read(path: str) -> bytes:
   with open(path, 'rb') as f:
     return f.read()
-
-
-def _whole_records(data: bytes) -> bytes:
-  """The complete TFRecords at the start of an event file's bytes: each is a little-endian
-  uint64 length, a 4-byte CRC of it, the data and a 4-byte CRC of the data."""
-  end = 0
-  while end + 12 <= len(data):
-    (length,) = struct.unpack('<Q', data[end:end + 8])
-    if end + 12 + length + 4 > len(data):
-      break
-    end += 12 + length + 4
-  return data[:end]
 
 
 def read_jsonl(path: str) -> list[dict]:

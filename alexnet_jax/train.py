@@ -235,6 +235,8 @@ def _train(config, workdir, hooks, data, prog, manager, steps_per_epoch: int,
     train_iter.close()
     try:
       writer.close()
+    except OSError as e:  # the storage (a full disk, say), which the report names already
+      logging.warning('the metrics could not be written on the way out: %s', e)
     except Exception:  # noqa: BLE001
       logging.exception('the metrics could not be written on the way out')
     raise

@@ -373,10 +373,8 @@ head -c 700000 /dev/zero > "$ROOT/filler" && exec "$@"
 """
 
 
-def test_a_full_disk_ends_in_one_line(two_epochs, tmp_path):
-  """A real full disk: a 1 MiB tmpfs, mounted in a private mount namespace (``unshare``, as an
-  unprivileged user too where user namespaces are allowed), nearly filled before the run starts."""
-  c, _, _ = two_epochs
+def _small_disk_root(tmp_path) -> str:
+  """Where ``_FULL_DISK`` mounts its tmpfs; skips where this machine cannot mount one."""
   root = str(tmp_path / 'small_disk')
   probe = subprocess.run([
       'unshare', '-rm', 'sh', '-c', f'mkdir -p {root} && mount -t tmpfs '
@@ -384,6 +382,53 @@ def test_a_full_disk_ends_in_one_line(two_epochs, tmp_path):
   ], capture_output=True)
   if probe.returncode:
     pytest.skip(f'cannot mount a small tmpfs here: {probe.stderr.decode().strip()}')
+  return root
+
+
+_METRICS_ON_A_FULL_DISK = """
+import os, sys
+from alexnet_jax import metrics
+from alexnet_jax.errors import DirectoryError
+run = os.path.join(os.environ['ROOT'], 'run')
+writer = metrics.MetricWriter(run)
+written = 0
+try:
+  while True:
+    writer.write(written, 'train', dict(epoch=written / 7, loss=2.0 + written, top1_error=0.5))
+    written += 1
+except DirectoryError as e:
+  print('refused:', e)
+writer.close()
+rows = metrics.read_jsonl(os.path.join(run, 'metrics.jsonl'))  # every line whole
+print('rows', len(rows), 'written', written, 'last', rows[-1]['step'])
+"""
+
+
+def test_metrics_on_a_full_disk_end_in_one_line_and_keep_whole_lines(tmp_path):
+  """The writer fills the same real tmpfs to the last byte: the write the disk refuses is one
+  ``DirectoryError``, the lines before it stay whole and the writer closes cleanly."""
+  root = _small_disk_root(tmp_path)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', ROOT=root)
+  proc = subprocess.run([
+      'unshare', '-rm', 'sh', '-c', _FULL_DISK, 'sh', sys.executable, '-c', _METRICS_ON_A_FULL_DISK
+  ], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  refused, counts = proc.stdout.splitlines()
+  assert refused.startswith('refused: cannot write the metrics in ') and refused.endswith(
+      'No space left on device — free space (or fix the storage) and rerun the same command: it '
+      'resumes from the newest checkpoint'), refused
+  _, rows, _, written, _, last = counts.split()
+  # The refused line is the jsonl's (nothing of it kept) or the events' (the line is kept).
+  assert int(rows) in (int(written), int(written) + 1) and int(last) == int(rows) - 1, counts
+  assert int(rows) > 100  # the disk had room for many lines before it filled
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_full_disk_ends_in_one_line(two_epochs, tmp_path):
+  """A real full disk: a 1 MiB tmpfs, mounted in a private mount namespace (``unshare``, as an
+  unprivileged user too where user namespaces are allowed), nearly filled before the run starts."""
+  c, _, _ = two_epochs
+  root = _small_disk_root(tmp_path)
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
              ROOT=root)
   args = [

@@ -430,12 +430,45 @@ def test_a_failed_upload_is_raised_as_it_is_and_the_metrics_are_kept(gcs, monkey
   shutil.rmtree(kept)
 
 
-def test_whole_records_leave_out_a_record_being_written():
-  record = lambda payload: (struct.pack('<Q', len(payload)) + b'crc!' + payload + b'crc!')
-  data = record(b'first') + record(b'second')
-  assert metrics._whole_records(data) == data  # pylint: disable=protected-access
-  for cut in range(1, len(record(b'second'))):
-    assert metrics._whole_records(data[:-cut]) == record(b'first')  # pylint: disable=protected-access
+def _crc32c_bitwise(data: bytes) -> int:
+  """CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) bit by bit: independent of the
+  table-driven one tensorboardX ships."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc ^= byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked(crc: int) -> int:
+  return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def test_an_event_file_holds_whole_checksummed_records_while_it_is_open(tmp_path):
+  assert _crc32c_bitwise(b'123456789') == 0xE3069283  # the standard check value
+  events = metrics.EventFile(str(tmp_path / 'tb'))
+  picture = np.random.default_rng(0).integers(0, 256, (6, 5, 3)).astype(np.uint8)
+  events.scalar('train/loss', 2.5, 7)
+  events.image('visualize/filters', picture, 7)
+  data = pathlib.Path(events.path).read_bytes()  # as TensorBoard reads it during the run
+  at, read = 0, []
+  while at < len(data):
+    header = data[at:at + 8]
+    (length,) = struct.unpack('<Q', header)
+    record = data[at + 12:at + 12 + length]
+    assert struct.unpack('<I', data[at + 8:at + 12])[0] == _masked(_crc32c_bitwise(header))
+    assert struct.unpack('<I', data[at + 12 + length:at + 16 + length])[0] == _masked(
+        _crc32c_bitwise(record))
+    read.append(event_pb2.Event.FromString(record))
+    at += 16 + length
+  assert at == len(data) and read[0].file_version == 'brain.Event:2'
+  (loss,), (image,) = read[1].summary.value, read[2].summary.value
+  assert (loss.tag, loss.simple_value, read[1].step) == ('train/loss', 2.5, 7)
+  assert image.tag == 'visualize/filters' and read[2].step == 7
+  np.testing.assert_array_equal(_png(image.image.encoded_image_string), picture)
+  events.close()
+  assert os.path.basename(events.path).startswith('events.out.tfevents.')
 
 
 def test_visualisations_on_gs_are_the_bytes_a_local_folder_gets(gcs, tmp_path):
