@@ -201,7 +201,7 @@ def test_16bit_images_are_scaled_to_8_bits(tmp_path, kind):
 def test_prepare_stores_16bit_greyscale_scaled(tmp_path):
   path = str(tmp_path / 'grey16.png')
   Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(path)  # half scale: 128, not 255
-  result = prepare.process_file((path, 0, 32, 95, 10**6))
+  result = prepare.process_file((path, 0, 32, 95, 10**6, 'jpeg'))
   assert result[0] == 'ok'
   assert np.abs(result[2].astype(int) - 128).max() <= 1
 

@@ -90,7 +90,7 @@ def test_prepared_records_decode_as_before(tmp_path):
   folder = tmp_path / 'jpegs'
   bench_input.make_folder(str(folder), 12, classes=2)
   for path in sorted(folder.glob('*/*.jpg'))[:6]:
-    status, record, stored = prepare.process_file((str(path), 0, 256, 90, 10**8))
+    status, record, stored = prepare.process_file((str(path), 0, 256, 90, 10**8, 'jpeg'))
     assert status == 'ok'
     image, _ = records.decode_record(record)
     assert image.shape == (256, 256, 3)
@@ -241,14 +241,19 @@ def test_the_benchmarks_earlier_path_gives_the_same_batches(tmp_path):
   assert 0 < flipped < 16  # both copies were exercised
 
 
-def test_measure_decoders_reports_both_paths(tmp_path):
+def test_measure_decoders_reports_every_path(tmp_path):
   """The comparison's bookkeeping (figures only: timing never gates a test)."""
   jpegs, data_dir = str(tmp_path / 'jpegs'), str(tmp_path / 'tfds')
   bench_input.make_folder(jpegs, 12, classes=2)
   prepare.prepare(jpegs, 'bench', data_dir=data_dir, val_fraction=0.0, workers=0, progress=False)
+  prepare.prepare(jpegs, 'bench_raw', data_dir=data_dir, val_fraction=0.0, workers=0,
+                  progress=False, codec='raw')
   r = bench_input.measure_decoders(data='bench', data_dir=data_dir, worker_counts=(0,),
-                                   batch_size=4, crop=64, batches=2, warmup=1, repeats=1)
-  assert set(r['images_per_second']) == {(p, 0) for p in bench_input.DECODER_PATHS}
+                                   batch_size=4, crop=64, batches=2, warmup=1, repeats=1,
+                                   raw_data='bench_raw')
+  paths = (*bench_input.DECODER_PATHS, bench_input.RAW_PATH)
+  assert r['paths'] == paths and set(r['images_per_second']) == {(p, 0) for p in paths}
+  assert set(r['ratios']) == set(paths[1:]) and r['ratio'] == r['ratios'][paths[1]]
   assert all(v > 0 for v in r['images_per_second'].values())
   assert r['scaling'] == {}
   if os.path.isdir('/proc/self/task'):

@@ -11,7 +11,7 @@ from PIL import Image
 from skimage import data
 
 from alexnet_jax import configs, errors
-from alexnet_jax.data import augment, catalog, prepare, statistics
+from alexnet_jax.data import augment, catalog, pipeline, prepare, records, statistics
 from alexnet_jax.tools import bench_input
 
 from helpers import interrupt_on_call
@@ -145,6 +145,47 @@ def test_statistics_match_numpy(prepared):
   again = statistics.compute(catalog.open_record_directory(directory, 'train'), 64, progress=False)
   np.testing.assert_allclose(again.mean_image, stats.mean_image, atol=1e-4)
   np.testing.assert_allclose(again.eigvals, stats.eigvals, rtol=1e-9)
+
+
+def test_a_raw_set_holds_the_squares_themselves(folder, prepared, tmp_path):
+  """``codec='raw'``: the same files in the same records, each the rescaled central square
+  exactly as prepare cut it (the JPEG set holds it up to JPEG's loss), with the statistics of
+  those pixels; training reads it like any other set."""
+  root, _ = folder
+  jpeg_dir = prepared[1]
+  raw_dir = prepare.prepare(root, 'photos_raw', data_dir=str(tmp_path), val_fraction=0.2,
+                            image_size=64, examples_per_shard=4, workers=0, progress=False,
+                            max_pixels=SMALL_LIMIT, codec='raw')
+  meta = json.load(open(os.path.join(raw_dir, 'metadata.json')))
+  assert meta['codec'] == 'raw'
+  assert json.load(open(os.path.join(jpeg_dir, 'metadata.json')))['codec'] == 'jpeg'
+  plan = prepare.make_plan(root, name='photos_raw', val_fraction=0.2, val_dir=None, image_size=64,
+                           jpeg_quality=90, examples_per_shard=4, seed=0, max_pixels=SMALL_LIMIT,
+                           codec='raw')
+  readable = [(path, label)
+              for shard in plan['splits']['train']
+              for path, label in shard['files']
+              if not path.endswith(('truncated.jpg', 'notes.txt', 'huge.png'))]
+  raw, jpeg = _all_records(raw_dir, 'train'), _all_records(jpeg_dir, 'train')
+  assert len(raw) == len(jpeg) == len(readable)
+  for (path, label), r, j in zip(readable, raw, jpeg):
+    square = augment.square_of(Image.fromarray(records.read_image_file(path, min_side=64)), 64)
+    np.testing.assert_array_equal(r['image'], np.asarray(square))
+    assert r['label'] == j['label'] == label
+    assert 0 < np.abs(r['image'].astype(int) -
+                      j['image']).mean() < 8  # JPEG's loss; a wrong image: > 25
+  stats = statistics.load(os.path.join(raw_dir, statistics.FILENAME))
+  images = np.stack([r['image'] for r in raw]).astype(np.float64)
+  np.testing.assert_allclose(stats.mean_image, images.mean(axis=0), atol=1e-3)
+  cfg = configs.dataset_config(name='photos_raw', data_dir=str(tmp_path))
+  batch = next(
+      iter(
+          pipeline.train_dataset(catalog.open_source(cfg, 'train'), global_batch_size=4,
+                                 crop_size=56, seed=0, resize_to=64)))
+  assert batch['image'].shape == (4, 56, 56, 3) and batch['image'].dtype == np.uint8
+  with pytest.raises(errors.PrepareError, match="--codec='png': choose one of jpeg, raw"):
+    prepare.prepare(root, 'photos_png', data_dir=str(tmp_path), codec='png', progress=False)
+  assert not os.path.exists(os.path.join(str(tmp_path), 'photos_png'))
 
 
 def test_accumulator_merge_is_order_free():

@@ -9,7 +9,8 @@ images/s of:
      prepared set as it was before the fast JPEG path (every record decoded by PIL, the reflected
      window copied in numpy's one pass, the windows stacked) and as it is (libjpeg-turbo's own
      interface, the window copied channel by channel straight into the batch), each with 1 and 2
-     worker processes (``--compare_workers``), these runs interleaved among themselves:
+     worker processes (``--compare_workers``), and with ``--raw_data`` the same images prepared
+     with ``prepare --codec=raw`` (no decoding), these runs interleaved among themselves:
      images/s, images per CPU-second of the input's processes (the main one and its workers:
      what one host core delivers, however busy the machine is with other work) and the ratio of
      the two paths per core, and how each scales from the first worker count to the last;
@@ -165,22 +166,33 @@ DECODER_PATHS = {
     'now: libjpeg-turbo': (True, pipeline.TrainAugment),
 }
 
+RAW_PATH = 'raw pixels'  # a set prepared with --codec=raw: no decoding at all
+
 
 def measure_decoders(*, data: str, data_dir: str | None, worker_counts=(1, 2), batch_size: int,
-                     crop: int, batches: int, warmup: int, repeats: int) -> dict:
-  """The prepared set's training input along each of ``DECODER_PATHS`` with each worker count,
+                     crop: int, batches: int, warmup: int, repeats: int,
+                     raw_data: str | None = None) -> dict:
+  """The prepared set's training input along each of ``DECODER_PATHS`` (and, with ``raw_data``,
+  a set of the same images prepared with ``--codec=raw``: ``RAW_PATH``) with each worker count,
   interleaved, the best of ``repeats`` rounds: images/s, images per CPU-second (``per_core``),
-  the last path's per-core figure over the first's (``ratio``, per worker count) and each path's
-  images/s with the last worker count over the first (``scaling``). At least two batches a worker
-  are let pass untimed: the workers take turns, and the start-up of one that has not delivered yet
-  is no throughput."""
-  cfg = configs.dataset_config(name=data, data_dir=data_dir)
-  source = catalog.open_source(cfg, 'train', min_side=256)
+  each later path's per-core figure over the first's (``ratios[path]``, per worker count;
+  ``ratio`` is the fast decoder's) and each path's images/s with the last worker count over the
+  first (``scaling``). At least two batches a worker are let pass untimed: the workers take
+  turns, and the start-up of one that has not delivered yet is no throughput."""
+  source = catalog.open_source(configs.dataset_config(name=data, data_dir=data_dir), 'train',
+                               min_side=256)
+  paths = {}
+  for path, (fast, augment_cls) in DECODER_PATHS.items():
+    variant = copy.copy(source)
+    variant.fast_jpeg = fast
+    paths[path] = (variant, augment_cls)
+  if raw_data is not None:
+    raw = catalog.open_source(configs.dataset_config(name=raw_data, data_dir=data_dir), 'train',
+                              min_side=256)
+    paths[RAW_PATH] = (raw, pipeline.TrainAugment)
   runs = {}
   for workers in worker_counts:
-    for path, (fast, augment_cls) in DECODER_PATHS.items():
-      variant = copy.copy(source)
-      variant.fast_jpeg = fast
+    for path, (variant, augment_cls) in paths.items():
       runs[path, workers] = grain_iterator(variant, batch_size=batch_size, crop=crop,
                                            workers=workers, augment_cls=augment_cls)
   ips = {k: 0.0 for k in runs}
@@ -191,18 +203,20 @@ def measure_decoders(*, data: str, data_dir: str | None, worker_counts=(1, 2), b
       ips[key] = max(ips[key], wall)
       if per_cpu is not None:
         per_core[key] = max(per_core[key] or 0.0, per_cpu)
-  first, last = list(DECODER_PATHS)[0], list(DECODER_PATHS)[-1]
-  ratio = {
-      w: per_core[last, w] / per_core[first, w]
-      for w in worker_counts
-      if per_core[last, w] and per_core[first, w]
+  first = list(paths)[0]
+  ratios = {
+      path: {
+          w: per_core[path, w] / per_core[first, w]
+          for w in worker_counts
+          if per_core[path, w] and per_core[first, w]
+      } for path in list(paths)[1:]
   }
-  scaling = {
-      path: ips[path, worker_counts[-1]] / ips[path, worker_counts[0]] for path in DECODER_PATHS
-  } if len(worker_counts) > 1 else {}
+  scaling = {path: ips[path, worker_counts[-1]] / ips[path, worker_counts[0]] for path in paths
+            } if len(worker_counts) > 1 else {}
   return dict(batch_size=batch_size, crop=crop, worker_counts=tuple(worker_counts),
-              paths=tuple(DECODER_PATHS), images_per_second=ips, per_core=per_core, ratio=ratio,
-              scaling=scaling, fast_decoder=records.simplejpeg is not None)
+              paths=tuple(paths), images_per_second=ips, per_core=per_core,
+              ratio=ratios[list(DECODER_PATHS)[-1]], ratios=ratios, scaling=scaling,
+              fast_decoder=records.simplejpeg is not None)
 
 
 class _PilFolder:
@@ -309,8 +323,10 @@ def measure_pipelines(*, data: str | None, data_dir: str | None, folder: str | N
 # ---------------------------------------------------------------------------
 
 
-def measure_overlap(config, *, steps: int, warmup: int, repeats: int) -> dict:
-  data = inputs.open_inputs(config)
+def measure_overlap(config, *, steps: int, warmup: int, repeats: int,
+                    data: inputs.Inputs | None = None) -> dict:
+  """``data``: the config's inputs where the caller has opened them already."""
+  data = data or inputs.open_inputs(config)
   prog = program.build_program(config, steps_per_epoch=100, input_stats=data.stats)
 
   def make_iter():
@@ -383,7 +399,7 @@ def main(argv):
                            '>= 0 (0: in this process), e.g. 1,2')
     d = measure_decoders(data=f.data, data_dir=f.data_dir, worker_counts=counts,
                          batch_size=f.batch_size, crop=f.crop, batches=f.batches, warmup=f.warmup,
-                         repeats=f.repeats)
+                         repeats=f.repeats, raw_data=f.raw_data)
     print(f'prepared set {f.data}, batch {d["batch_size"]}, {d["crop"]}² crops, the decoders '
           f'compared ({os.cpu_count()} cores; per core: images per CPU-second of the input '
           'processes):')
@@ -395,8 +411,9 @@ def main(argv):
         shown = f'{core:9.1f}' if core is not None else '        -'
         print(f'  {workers} workers, {path:20s} {d["images_per_second"][path, workers]:9.1f} '
               f'img/s {shown} img/s per core')
-      if workers in d['ratio']:
-        print(f'  {workers} workers: now / before, per core {d["ratio"][workers]:.2f}x')
+      for path, ratio in d['ratios'].items():
+        if workers in ratio:
+          print(f'  {workers} workers: {path} / {d["paths"][0]}, per core {ratio[workers]:.2f}x')
     for path, x in d['scaling'].items():
       print(f'  {path}: {d["worker_counts"][-1]} workers / {d["worker_counts"][0]}: {x:.2f}x img/s')
   r = measure_pipelines(data=f.data, data_dir=f.data_dir, folder=f.folder, workers=f.workers,
@@ -417,6 +434,9 @@ def _define_flags() -> None:
   flags.DEFINE_string('data', None, 'A prepared set (or any set open_source knows).')
   flags.DEFINE_string('data_dir', None, "Where prepared sets live (default: TFDS's).")
   flags.DEFINE_string('folder', None, 'The original JPEG folder (class subfolders).')
+  flags.DEFINE_string(
+      'raw_data', None, 'With --data: the same images prepared with --codec=raw, timed beside '
+      'the decoders (no decoding at all).')
   # Bounds: absl refuses a value outside them in one line (cli._parse_flags).
   flags.DEFINE_integer('workers', 2, 'Worker processes, for grain and torch alike.', lower_bound=0)
   flags.DEFINE_integer('batch_size', 128, 'Batch size.', lower_bound=1)

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from alexnet_jax import configs, program, sharding
-from alexnet_jax.data import catalog
+from alexnet_jax.data import inputs
 from alexnet_jax.data import prepare as data_prepare
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.tools import bench_input
@@ -234,12 +234,11 @@ def measure_input(sizes: Sizes, *, images: int, batches: int, data_dir: str) -> 
   config = _config('alexnet', sizes, 'float32', sizes.batch)
   config.dataset.update(name=name, data_dir=data_dir)
   config.input.update(workers=workers, worker_priority='normal')
-  source = catalog.open_source(config.dataset, config.dataset.train_split,
-                               min_side=config.input.resize_to)
-  make_iter = bench_input.grain_iterator(source, batch_size=config.batch_size,
+  data = inputs.open_inputs(config)  # once, for both measurements
+  make_iter = bench_input.grain_iterator(data.train_source, batch_size=config.batch_size,
                                          crop=config.model.image_size, workers=workers)
   per_second = bench_input.time_iterator(make_iter, config.batch_size, batches, warmup=3)
-  overlap = bench_input.measure_overlap(config, steps=batches, warmup=3, repeats=1)
+  overlap = bench_input.measure_overlap(config, steps=batches, warmup=3, repeats=1, data=data)
   return dict(workers=workers, images=images, images_per_second=per_second,
               images_per_second_per_core=per_second / workers, fed_vs_fixed=overlap['overlap'],
               fixed_batch_images_per_second=overlap['fixed_batch_images_per_second'],

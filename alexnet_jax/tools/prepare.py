@@ -16,7 +16,7 @@ import os
 from absl import app, flags
 
 from alexnet_jax import cli
-from alexnet_jax.data.prepare import DEFAULT_MAX_PIXELS, REPORT, prepare
+from alexnet_jax.data.prepare import CODECS, DEFAULT_MAX_PIXELS, REPORT, prepare
 
 
 def main(argv):
@@ -28,7 +28,7 @@ def main(argv):
   directory = prepare(f.source, f.name, data_dir=f.data_dir, val_fraction=f.val_fraction,
                       val_dir=f.val_dir, image_size=f.image_size, jpeg_quality=f.jpeg_quality,
                       examples_per_shard=f.examples_per_shard, workers=f.workers, seed=f.seed,
-                      max_pixels=f.max_pixels)
+                      max_pixels=f.max_pixels, codec=f.codec)
   with open(os.path.join(directory, REPORT)) as fh:
     report = json.load(fh)
   counts = ', '.join(f'{k} {v:,}' for k, v in report['num_examples'].items())
@@ -56,6 +56,10 @@ def _define_flags() -> None:
   flags.DEFINE_string('val_dir', None, 'A separate folder of class subfolders for validation.')
   flags.DEFINE_integer('image_size', 256, 'Side of the stored square images.')
   flags.DEFINE_integer('jpeg_quality', 90, 'JPEG quality of the stored images.')
+  flags.DEFINE_enum(
+      'codec', 'jpeg', CODECS,
+      'How the squares are stored: jpeg (small, decoded every epoch) or raw '
+      '(their pixels: several times the training images per host core, ~196 KB per 256² image).')
   flags.DEFINE_integer('examples_per_shard', 1024, 'Images per ArrayRecord shard.')
   flags.DEFINE_integer('workers', None, 'Decoding processes (default: all cores).')
   flags.DEFINE_integer('seed', 0, 'Seed of the validation split.')
