@@ -9,7 +9,8 @@ images/s of:
      prepared set as it was before the fast JPEG path (every record decoded by PIL, the reflected
      window copied in numpy's one pass, the windows stacked) and as it is (libjpeg-turbo's own
      interface, the window copied channel by channel straight into the batch), each with 1 and 2
-     worker processes (``--compare_workers``), and with ``--raw_data`` the same images prepared
+     worker processes (``--compare_workers``; before, 4 read threads in each, now
+     ``pipeline.default_read_threads``), and with ``--raw_data`` the same images prepared
      with ``prepare --codec=raw`` (no decoding), these runs interleaved among themselves:
      images/s, images per CPU-second of the input's processes (the main one and its workers:
      what one host core delivers, however busy the machine is with other work) and the ratio of
@@ -137,10 +138,12 @@ def _time_with_cpu(make_iter, batch_size: int, batches: int,
 
 
 def grain_iterator(source, *, batch_size: int, crop: int, workers: int, seed: int = 0,
-                   augment_cls: type[pipeline.TrainAugment] = pipeline.TrainAugment):
+                   augment_cls: type[pipeline.TrainAugment] = pipeline.TrainAugment,
+                   read_threads: int | None = None):
   return lambda: iter(
       pipeline.train_dataset(source, global_batch_size=batch_size, crop_size=crop, seed=seed,
-                             workers=workers, resize_to=256, pca_std=0.1, augment_cls=augment_cls))
+                             workers=workers, resize_to=256, pca_std=0.1, augment_cls=augment_cls,
+                             read_threads=read_threads))
 
 
 class PreviousAugment(pipeline.TrainAugment):
@@ -160,10 +163,11 @@ class PreviousAugment(pipeline.TrainAugment):
 
 
 # The prepared set's training input before and after the fast JPEG path: name → (the source's
-# fast_jpeg, the TrainAugment class).
+# fast_jpeg, the TrainAugment class, the read threads per input process: 4 before, now
+# pipeline.default_read_threads).
 DECODER_PATHS = {
-    'before: PIL': (False, PreviousAugment),
-    'now: libjpeg-turbo': (True, pipeline.TrainAugment),
+    'before: PIL': (False, PreviousAugment, 4),
+    'now: libjpeg-turbo': (True, pipeline.TrainAugment, None),
 }
 
 RAW_PATH = 'raw pixels'  # a set prepared with --codec=raw: no decoding at all
@@ -182,19 +186,20 @@ def measure_decoders(*, data: str, data_dir: str | None, worker_counts=(1, 2), b
   source = catalog.open_source(configs.dataset_config(name=data, data_dir=data_dir), 'train',
                                min_side=256)
   paths = {}
-  for path, (fast, augment_cls) in DECODER_PATHS.items():
+  for path, (fast, augment_cls, threads) in DECODER_PATHS.items():
     variant = copy.copy(source)
     variant.fast_jpeg = fast
-    paths[path] = (variant, augment_cls)
+    paths[path] = (variant, augment_cls, threads)
   if raw_data is not None:
     raw = catalog.open_source(configs.dataset_config(name=raw_data, data_dir=data_dir), 'train',
                               min_side=256)
-    paths[RAW_PATH] = (raw, pipeline.TrainAugment)
+    paths[RAW_PATH] = (raw, pipeline.TrainAugment, None)
   runs = {}
   for workers in worker_counts:
-    for path, (variant, augment_cls) in paths.items():
-      runs[path, workers] = grain_iterator(variant, batch_size=batch_size, crop=crop,
-                                           workers=workers, augment_cls=augment_cls)
+    for path, (variant, augment_cls, threads) in paths.items():
+      runs[path,
+           workers] = grain_iterator(variant, batch_size=batch_size, crop=crop, workers=workers,
+                                     augment_cls=augment_cls, read_threads=threads)
   ips = {k: 0.0 for k in runs}
   per_core: dict = {k: None for k in runs}
   for _ in range(repeats):
