@@ -183,9 +183,9 @@ def wait(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
 
 
-# What the operating system says when the storage, not our code, refuses a write.
-_STORAGE_FAILURES = ('No space left on device', 'Disk quota exceeded', 'Read-only file system',
-                     'Permission denied', 'Input/output error', 'Stale file handle')
+# What the operating system says when the storage, not our code, refuses a write: matched in
+# the text, as orbax passes the errors of its writer threads on wrapped, without their errno.
+_STORAGE_FAILURES = tuple(os.strerror(e) for e in storage.REFUSED_WRITE_ERRNOS)
 
 
 @contextlib.contextmanager

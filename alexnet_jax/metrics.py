@@ -8,7 +8,6 @@ epath, at most every ``SYNC_SECONDS`` and when the writer closes (``MetricWriter
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib
 import io
 import json
@@ -107,10 +106,6 @@ def _append_whole(fd: int, data: bytes) -> None:
     raise
 
 
-# The errors with which a disk, not our code, refuses a write.
-_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.ESTALE)
-
-
 class MetricWriter:
   """Appends ``{"step": s, "split": ..., **values}`` lines and mirrors them to TensorBoard.
 
@@ -200,7 +195,7 @@ class MetricWriter:
     try:
       yield
     except OSError as e:
-      if e.errno not in _STORAGE_ERRNOS:
+      if e.errno not in storage.REFUSED_WRITE_ERRNOS:
         raise
       raise DirectoryError(
           f'cannot write the metrics in {self._workdir}: {os.strerror(e.errno)} — free space (or '

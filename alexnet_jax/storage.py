@@ -16,6 +16,7 @@ no rename (a move is a copy and a delete).
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import re
@@ -26,6 +27,10 @@ from etils import epath
 from alexnet_jax.errors import DirectoryError
 
 PathLike = str | os.PathLike
+# The errors with which the storage, not our code, refuses a write: a full disk, a quota, a
+# read-only or failing mount, a permission lost, an NFS handle gone stale.
+REFUSED_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO,
+                        errno.ESTALE)
 # The URL schemes taken: the fsspec protocol epath opens each with and the package providing it,
 # the modules orbax imports for it itself (module, package), and the extra installing them all.
 SCHEMES = {
