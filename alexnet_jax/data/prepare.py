@@ -46,7 +46,8 @@ PLAN = 'prepare_plan.json'
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (about 0.25 GB of RGB pixels)
 # How the squares are stored. 'jpeg' decodes every image every epoch (libjpeg-turbo: the largest
 # cost of a training image on the host). 'raw' stores the decoded pixels, so training only reads
-# and crops them: several times the images per host core, for about 196 KB a 256² image on disk
+# and crops them: about 1.35x the images per host core of libjpeg-turbo's path (2.1-2.3x PIL's;
+# tools/bench_input --raw_data measures it), for about 196 KB a 256² image on disk
 # and in the page cache instead of the 15-40 KB of its JPEG (ImageNet's 1.28 M: about 250 GB).
 # The raw pixels are the square before any JPEG loss.
 CODECS = ('jpeg', 'raw')
@@ -118,8 +119,8 @@ def check_arguments(*, val_fraction: float | None, val_dir: str | None, image_si
   file is listed or written."""
   if codec not in CODECS:
     raise PrepareError(f'--codec={codec!r}: choose one of {", ".join(CODECS)} (jpeg: small '
-                       'files, decoded every epoch; raw: the pixels, several times faster to '
-                       'train from, about 196 KB a 256² image)')
+                       'files, decoded every epoch; raw: the pixels, about 1.35x the training '
+                       'images per host core, about 196 KB a 256² image)')
   if val_fraction is not None and val_dir is not None:
     raise PrepareError('give either --val_fraction or --val_dir, not both')
   if val_fraction is not None and not 0.0 <= val_fraction < 1.0:  # NaN fails too

@@ -14,7 +14,8 @@ images/s of:
      with ``prepare --codec=raw`` (no decoding), these runs interleaved among themselves:
      images/s, images per CPU-second of the input's processes (the main one and its workers:
      what one host core delivers, however busy the machine is with other work) and the ratio of
-     the two paths per core, and how each scales from the first worker count to the last;
+     each later path to the first per core, and how each scales from the first worker count to
+     the last;
   1. the grain pipeline on a prepared set (``--data``): decode the stored 256² JPEG, random crop,
      reflection and PCA coefficients, uint8 batches;
   2. with ``--folder`` (the original JPEG folder the set was prepared from): the same pipeline
